@@ -1,0 +1,38 @@
+"""Timestep embeddings, as diffusers' get_timestep_embedding / TimestepEmbedding."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from safealign_jax.models.layers import Dense, Dtype
+
+
+def timestep_embedding(
+    timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: int = 10000
+) -> jax.Array:
+    """Sinusoidal embedding of (N,) timesteps (may be fractional) -> (N, dim) float32."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_1 -> SiLU -> linear_2."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.silu(Dense(self.features, name="linear_1", **kw)(x))
+        return Dense(self.features, name="linear_2", **kw)(x)
