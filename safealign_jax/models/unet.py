@@ -8,7 +8,6 @@ added_cond = {"text_embeds": (B, P), "time_ids": (B, 6)} for SDXL; user_tokens (
 PSA. Returns the prediction (B, H, W, C_out) in `dtype`.
 """
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
