@@ -27,8 +27,7 @@ LAYER_NORM_EPS = 1e-5
 def cross_attention_paths(unet_params: dict) -> list[tuple[str, ...]]:
     """Paths (in module order of the params tree) of every cross-attention (`attn2`)."""
     flat = traverse_util.flatten_dict(unet_params)
-    paths = {p[: p.index("attn2") + 1] for p in flat if "attn2" in p}
-    return sorted(paths, key=lambda p: list(flat).index(p + ("to_q", "kernel")))
+    return list(dict.fromkeys(p[: p.index("attn2") + 1] for p in flat if "attn2" in p))
 
 
 def init(
