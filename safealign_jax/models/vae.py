@@ -1,0 +1,367 @@
+"""Flax port of diffusers' AutoencoderKL (the SD1.x / SD2.x / SDXL VAE), NHWC.
+
+    mean, logvar = encode(module, params, images)      images (B, H, W, 3) in [-1, 1]
+    z = sample_latent(mean, logvar, key)               (B, H/f, W/f, latent_channels)
+    unet_latents = config.latents_for_unet(z)          (z - shift_factor) * scaling_factor
+    images = decode(module, params, config.latents_for_decoder(unet_latents))
+
+with f = 2 ** (len(block_out_channels) - 1). Module names equal diffusers' attribute names
+(`encoder.down_blocks.0.resnets.1.conv1`, `decoder.mid_block.attentions.0.to_q`) so
+`DIFFUSERS_NAMES` maps the params tree to checkpoint names.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from safealign_jax.convert.checkpoint import read_config, read_state_dict
+from safealign_jax.convert.names import params_from_state_dict
+from safealign_jax.errors import UserError, check
+from safealign_jax.models.attention import attend
+from safealign_jax.models.layers import Dense, Dtype, conv, group_norm
+from safealign_jax.models.load import DIFFUSERS_NAMES, abstract_params, component_folder
+from safealign_jax.models.resnet import ResnetBlock2D, Upsample2D
+
+# diffusers builds every VAE ResnetBlock2D, attention GroupNorm and output GroupNorm with this eps.
+VAE_EPS = 1e-6
+LOGVAR_RANGE = (-30.0, 20.0)
+# Fields of diffusers' AutoencoderKL config that must keep one value.
+_FIXED = {"act_fn": ("silu",)}
+_IGNORED = {"force_upcast", "sample_size"}
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """The structure of an AutoencoderKL (diffusers field names and defaults).
+
+    `latents_mean` / `latents_std` are kept when present (SDXL-style configs) but unused here:
+    the latent scaling is `scaling_factor` and `shift_factor` only.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each side."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def latents_for_unet(self, z: jax.Array) -> jax.Array:
+        """VAE latents -> the latents the UNet is trained on: (z - shift_factor) * scaling_factor."""
+        return (z - (self.shift_factor or 0.0)) * self.scaling_factor
+
+    def latents_for_decoder(self, latents: jax.Array) -> jax.Array:
+        """The inverse of `latents_for_unet`."""
+        return latents / self.scaling_factor + (self.shift_factor or 0.0)
+
+    @classmethod
+    def from_diffusers(cls, config: dict, source: str = "config.json") -> "VAEConfig":
+        """Parses a diffusers AutoencoderKL config dict; `source` names it in errors."""
+        cls_name = config.get("_class_name", "AutoencoderKL")
+        if cls_name != "AutoencoderKL":
+            raise UserError(f"{source}: unsupported _class_name={cls_name!r} (this port supports 'AutoencoderKL').")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in config.items():
+            if key.startswith("_") or key in _IGNORED:
+                continue
+            if key in _FIXED and value not in _FIXED[key]:
+                raise UserError(
+                    f"{source}: unsupported {key}={value!r} (this port supports "
+                    f"{' or '.join(repr(a) for a in _FIXED[key])})."
+                )
+            if key not in known:
+                if value in (None, False):
+                    continue
+                raise UserError(f"{source}: unknown field {key}={value!r} for an AutoencoderKL.")
+            if isinstance(value, list):
+                value = tuple(value)
+            values[key] = value
+        parsed = cls(**values)
+        parsed.validate(source)
+        return parsed
+
+    def validate(self, source: str = "config") -> None:
+        """Checks the structure is one this port builds; raises UserError otherwise."""
+        n = len(self.block_out_channels)
+        check(n > 0, f"{source}: block_out_channels must not be empty.")
+        for field, types, allowed in (
+            ("down_block_types", self.down_block_types, "DownEncoderBlock2D"),
+            ("up_block_types", self.up_block_types, "UpDecoderBlock2D"),
+        ):
+            if len(types) != n:
+                raise UserError(f"{source}: {field} has {len(types)} entries, expected {n}.")
+            for t in types:
+                if t != allowed:
+                    raise UserError(f"{source}: unsupported {field} entry {t!r} (supported: {allowed!r}).")
+        for ch in self.block_out_channels:
+            check(
+                isinstance(ch, int) and ch > 0 and ch % self.norm_num_groups == 0,
+                f"{source}: block_out_channels entry {ch!r} must be a positive multiple of "
+                f"norm_num_groups={self.norm_num_groups}.",
+            )
+        check(
+            isinstance(self.layers_per_block, int) and self.layers_per_block > 0,
+            f"{source}: layers_per_block={self.layers_per_block!r} must be a positive int.",
+        )
+        check(
+            isinstance(self.scaling_factor, int | float) and self.scaling_factor != 0,
+            f"{source}: scaling_factor={self.scaling_factor!r} must be a non-zero number.",
+        )
+
+
+class VAEAttention(nn.Module):
+    """diffusers' mid-block `Attention` of the VAE: one head of width C over all pixels, with
+    GroupNorm in front, biased to_q/to_k/to_v/to_out.0, and a residual connection.
+
+    Call: x (B, H, W, C) -> (B, H, W, C). Attention runs in float32 (diffusers upcasts softmax).
+    """
+
+    groups: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, h, w, c = x.shape
+        tokens = group_norm(self.groups, VAE_EPS, name="group_norm", **kw)(x).reshape(b, h * w, c)
+        q, k, v = (Dense(c, name=name, **kw)(tokens) for name in ("to_q", "to_k", "to_v"))
+        out = Dense(c, name="to_out_0", **kw)(attend(q, k, v, heads=1, upcast=True))
+        return out.reshape(b, h, w, c) + x
+
+
+class VAEDownsample2D(nn.Module):
+    """Zero-pad one row / column at the bottom / right, then a 3x3 stride-2 convolution
+    (diffusers' Downsample2D with padding=0, as the VAE encoder builds it)."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv", stride=2, padding=0)(x)
+
+
+class VAEMidBlock(nn.Module):
+    """UNetMidBlock2D without time embedding: resnet, (attention), resnet."""
+
+    add_attention: bool
+    groups: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet = lambda i: ResnetBlock2D(x.shape[-1], self.groups, VAE_EPS, name=f"resnets_{i}", **kw)  # noqa: E731
+        x = resnet(0)(x)
+        if self.add_attention:
+            x = VAEAttention(self.groups, name="attentions_0", **kw)(x)
+        return resnet(1)(x)
+
+
+class DownEncoderBlock2D(nn.Module):
+    """`num_layers` resnets to `out_channels`, then (unless last) the stride-2 downsampler."""
+
+    out_channels: int
+    num_layers: int
+    groups: int
+    add_downsample: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for j in range(self.num_layers):
+            x = ResnetBlock2D(self.out_channels, self.groups, VAE_EPS, name=f"resnets_{j}", **kw)(x)
+        if self.add_downsample:
+            x = VAEDownsample2D(self.out_channels, name="downsamplers_0", **kw)(x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    """`num_layers` resnets to `out_channels`, then (unless last) the 2x nearest upsampler."""
+
+    out_channels: int
+    num_layers: int
+    groups: int
+    add_upsample: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for j in range(self.num_layers):
+            x = ResnetBlock2D(self.out_channels, self.groups, VAE_EPS, name=f"resnets_{j}", **kw)(x)
+        if self.add_upsample:
+            x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """Images (B, H, W, in_channels) -> moments (B, H/f, W/f, 2 * latent_channels), before quant_conv."""
+
+    config: VAEConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        groups = cfg.norm_num_groups
+        x = conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(x)
+        last = len(cfg.block_out_channels) - 1
+        for i, channels in enumerate(cfg.block_out_channels):
+            x = DownEncoderBlock2D(
+                channels, cfg.layers_per_block, groups, i < last, name=f"down_blocks_{i}", **kw
+            )(x)
+        x = VAEMidBlock(cfg.mid_block_add_attention, groups, name="mid_block", **kw)(x)
+        x = nn.silu(group_norm(groups, VAE_EPS, name="conv_norm_out", **kw)(x))
+        return conv(2 * cfg.latent_channels, 3, name="conv_out", **kw)(x)
+
+
+class Decoder(nn.Module):
+    """Latents (B, h, w, latent_channels) after post_quant_conv -> images (B, h*f, w*f, out_channels)."""
+
+    config: VAEConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        groups = cfg.norm_num_groups
+        channels = tuple(reversed(cfg.block_out_channels))
+        x = conv(channels[0], 3, name="conv_in", **kw)(z)
+        x = VAEMidBlock(cfg.mid_block_add_attention, groups, name="mid_block", **kw)(x)
+        last = len(channels) - 1
+        for i, ch in enumerate(channels):
+            x = UpDecoderBlock2D(
+                ch, cfg.layers_per_block + 1, groups, i < last, name=f"up_blocks_{i}", **kw
+            )(x)
+        x = nn.silu(group_norm(groups, VAE_EPS, name="conv_norm_out", **kw)(x))
+        return conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
+
+
+class AutoencoderKL(nn.Module):
+    """diffusers' AutoencoderKL. Methods (use with `module.apply(..., method=...)`, or the
+    `encode` / `decode` functions of this module):
+
+      encode(images (B, H, W, in_channels)) -> (mean, logvar), each (B, H/f, W/f, latent_channels)
+        float32, logvar clipped to [-30, 20] as diffusers' DiagonalGaussianDistribution;
+      decode(z (B, h, w, latent_channels)) -> images (B, h*f, w*f, out_channels) float32.
+    `__call__` decodes the encoded mean (used to initialise all parameters).
+    """
+
+    config: VAEConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.encoder = Encoder(cfg, **kw)
+        self.decoder = Decoder(cfg, **kw)
+        moments = 2 * cfg.latent_channels
+        # Named by the attributes (setup forbids explicit names).
+        self.quant_conv = conv(moments, 1, name=None, **kw) if cfg.use_quant_conv else None
+        self.post_quant_conv = conv(cfg.latent_channels, 1, name=None, **kw) if cfg.use_post_quant_conv else None
+
+    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = self.encoder(images.astype(self.dtype))
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
+        return mean, jnp.clip(logvar, *LOGVAR_RANGE)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        z = z.astype(self.dtype)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z).astype(jnp.float32)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.decode(self.encode(images)[0])
+
+
+def encode(module: AutoencoderKL, params: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean, logvar) of the latent distribution of NHWC `images` in [-1, 1] (see AutoencoderKL)."""
+    return module.apply({"params": params}, images, method=AutoencoderKL.encode)
+
+
+def decode(module: AutoencoderKL, params: dict, z: jax.Array) -> jax.Array:
+    """NHWC images (about [-1, 1], unclipped) from VAE latents `z` (not UNet-scaled)."""
+    return module.apply({"params": params}, z, method=AutoencoderKL.decode)
+
+
+def sample_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
+    """One draw z = mean + exp(logvar / 2) * eps, eps ~ N(0, I) (DiagonalGaussianDistribution.sample)."""
+    eps = jax.random.normal(key, mean.shape, mean.dtype)
+    return mean + jnp.exp(0.5 * logvar) * eps
+
+
+_DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _current_names(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Renames the pre-0.14 diffusers attention names (query/key/value/proj_attn) that many hub
+    VAEs still carry to to_q/to_k/to_v/to_out.0, as diffusers does when loading them."""
+    out = {}
+    for name, array in state_dict.items():
+        parts = name.split(".")
+        if ".attentions." in name and len(parts) >= 2 and parts[-2] in _DEPRECATED_ATTENTION_NAMES:
+            name = ".".join([*parts[:-2], _DEPRECATED_ATTENTION_NAMES[parts[-2]], parts[-1]])
+        out[name] = array
+    return out
+
+
+def load_vae(
+    folder: str,
+    subfolder: str = "vae",
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    variant: str | None = None,
+) -> tuple[AutoencoderKL, dict]:
+    """Loads a diffusers AutoencoderKL as (Flax module, params).
+
+    Args:
+      folder: a diffusers `vae/` folder or a pipeline folder containing `subfolder`.
+      dtype: compute dtype; param_dtype: dtype the weights are stored in.
+      variant: weights variant ("fp16"); default: the plain file, else the fp16 one.
+    Returns:
+      (module, params) with params a tree of numpy arrays in `param_dtype`; `module.config`
+      carries scaling_factor / shift_factor.
+    """
+    folder = component_folder(folder, subfolder)
+    config = VAEConfig.from_diffusers(read_config(folder), os.path.join(folder, "config.json"))
+    module = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype)
+    f = config.downsample_factor
+    expected = abstract_params(module, jnp.zeros((1, f, f, config.in_channels), jnp.float32))
+    state_dict = _current_names(read_state_dict(folder, "diffusion_pytorch_model", variant))
+    params = params_from_state_dict(expected, state_dict, DIFFUSERS_NAMES, folder)
+    return module, params
