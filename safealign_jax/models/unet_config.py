@@ -41,7 +41,7 @@ _FIXED = {
     "conv_out_kernel": (3,),
 }
 # Fields that do not change the network (read and ignored).
-_IGNORED = {"sample_size", "dropout", "addition_embed_type_num_heads"}
+_IGNORED = {"dropout", "addition_embed_type_num_heads"}
 
 
 @dataclasses.dataclass(frozen=True)
