@@ -1,0 +1,189 @@
+"""LoRA as a pytree that mirrors the paths of the adapted `Dense` layers of a params tree.
+
+For an adapted Dense at module path P (its kernel W at P/kernel, shape (in, out)) the LoRA tree
+holds P/a (in, r) and P/b (r, out), float32. The adapted layer computes
+
+    y = x W + s (x a) b,    s = alpha / r,
+
+inside `safealign_jax.models.layers.Dense`, from the "lora" collection built by `variables`:
+
+    module.apply({"params": params, "lora": lora.variables(tree, cfg.scale)}, ...)
+
+so a training step differentiates only the small a and b and never materialises a full-size
+weight gradient; leaving the collection out runs the base model (the DPO reference). `fold`
+writes W + s a b into a copy of the params for export and fast sampling; `fold_delta` does the
+same for full-rank deltas (e.g. merged experts), which `Dense` also reads as {"delta": (in, out)}.
+
+Paths are the "/"-joined Flax module names, e.g.
+"down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_k".
+"""
+
+import dataclasses
+import numbers
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from safealign_jax.errors import UserError, check
+
+# to_q, to_k, to_v and to_out.0 of every attention (self and cross) of the UNet.
+DEFAULT_TARGETS = (r"(^|/)(to_q|to_k|to_v|to_out_0)$",)
+INITS = ("gaussian", "kaiming_uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Attributes:
+    rank: r, the inner width of every adapter (> 0).
+    alpha: the scale numerator; s = alpha / rank (default alpha = rank, i.e. s = 1).
+    targets: regular expressions searched (`re.search`) in the "/"-joined module path of every
+      Dense layer (2-D kernel); a layer matched by any of them is adapted, and each must match
+      at least one layer. Anchor them ("^...$") to match whole paths.
+    init: how `a` is drawn (`b` is always zero, so the adapted model starts as the base):
+      "gaussian": a ~ N(0, std = 1/r), the spec's A ~ N(0, 1/r) and peft's
+        init_lora_weights="gaussian" (what the Diffusion-DPO scripts use);
+      "kaiming_uniform": a ~ U(-1/sqrt(in), 1/sqrt(in)), peft's default init_lora_weights=True
+        (kaiming_uniform with a=sqrt(5) on the (r, in) torch weight).
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    targets: Sequence[str] = DEFAULT_TARGETS
+    init: str = "gaussian"
+
+    def __post_init__(self):
+        check(
+            isinstance(self.rank, numbers.Integral) and not isinstance(self.rank, bool) and self.rank > 0,
+            f"LoRA rank={self.rank!r} is invalid (expected a positive integer).",
+        )
+        check(
+            self.alpha is None or self.alpha > 0,
+            f"LoRA alpha={self.alpha!r} is invalid (expected a positive number, or None for alpha = rank).",
+        )
+        check(self.init in INITS, f"LoRA init={self.init!r} is unknown (expected one of {list(INITS)}).")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        check(len(targets) > 0, "LoRA targets is empty (expected at least one path pattern).")
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "rank", int(self.rank))
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / rank."""
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+
+def _dense_kernels(params) -> dict[str, tuple[int, int]]:
+    """{"/"-joined module path: kernel shape} of every layer with a 2-D kernel, sorted by path."""
+    flat = traverse_util.flatten_dict(params)
+    kernels = {
+        "/".join(path[:-1]): tuple(leaf.shape)
+        for path, leaf in flat.items()
+        if path[-1] == "kernel" and len(leaf.shape) == 2
+    }
+    return dict(sorted(kernels.items()))
+
+
+def targets(params, patterns: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
+    """The sorted "/"-joined paths of the Dense layers of `params` matched by any pattern.
+
+    Raises:
+      UserError if a pattern is not a valid regular expression or matches no Dense layer.
+    """
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    paths = list(_dense_kernels(params))
+    check(bool(paths), "the params tree has no Dense layers (2-D kernels) to adapt with LoRA.")
+    matched = set()
+    for pattern in patterns:
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"LoRA target pattern {pattern!r} is not a valid regular expression ({e}).") from e
+        hits = [p for p in paths if regex.search(p)]
+        check(
+            bool(hits),
+            f"LoRA target pattern {pattern!r} matches none of the {len(paths)} Dense layers "
+            f"(paths look like {paths[0]!r}).",
+        )
+        matched.update(hits)
+    return sorted(matched)
+
+
+def init(key: jax.Array, params, config: LoRAConfig) -> dict:
+    """A fresh LoRA tree for `params`: {P: {"a": (in, r), "b": (r, out) zeros}} float32.
+
+    Args:
+      key: PRNG key; layer i (in sorted path order) draws `a` from fold_in(key, i).
+      params: the base params tree (arrays or ShapeDtypeStructs; only shapes are read).
+      config: rank, targets and init.
+    """
+    kernels = _dense_kernels(params)
+    flat = {}
+    for i, path in enumerate(targets(params, config.targets)):
+        fan_in, fan_out = kernels[path]
+        k = jax.random.fold_in(key, i)
+        shape = (fan_in, config.rank)
+        if config.init == "gaussian":
+            a = jax.random.normal(k, shape, jnp.float32) / config.rank
+        else:
+            bound = 1.0 / fan_in**0.5
+            a = jax.random.uniform(k, shape, jnp.float32, -bound, bound)
+        modules = tuple(path.split("/"))
+        flat[(*modules, "a")] = a
+        flat[(*modules, "b")] = jnp.zeros((config.rank, fan_out), jnp.float32)
+    return traverse_util.unflatten_dict(flat)
+
+
+def variables(lora_tree: dict, scale: float) -> dict:
+    """The "lora" collection for `module.apply`: the tree with `scale` folded into every b."""
+    flat = traverse_util.flatten_dict(lora_tree)
+    return traverse_util.unflatten_dict(
+        {path: leaf * scale if path[-1] == "b" else leaf for path, leaf in flat.items()}
+    )
+
+
+def delta(lora_tree: dict, scale: float) -> dict:
+    """The full-rank deltas {P: {"delta": s a b (in, out)}}, float32."""
+    flat = traverse_util.flatten_dict(lora_tree)
+    out = {}
+    for path, a in flat.items():
+        if path[-1] == "a":
+            b = flat[(*path[:-1], "b")]
+            product = jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+            out[(*path[:-1], "delta")] = scale * product
+    return traverse_util.unflatten_dict(out)
+
+
+def fold_delta(params, delta_tree: dict) -> dict:
+    """A copy of `params` with every kernel at a path P of `delta_tree` replaced by W + delta.
+
+    The sum is taken in float32 and stored in the kernel's dtype; `params` is not modified.
+    Raises:
+      UserError if a path of `delta_tree` is not a Dense layer of `params` or the shapes differ.
+    """
+    kernels = _dense_kernels(params)
+    flat = traverse_util.flatten_dict(params)
+    for path, d in traverse_util.flatten_dict(delta_tree).items():
+        module = "/".join(path[:-1])
+        check(path[-1] == "delta", f"{'/'.join(path)}: expected a delta tree with leaves named 'delta'.")
+        check(module in kernels, f"adapter path {module!r} is not a Dense layer of the base model.")
+        check(
+            tuple(d.shape) == kernels[module],
+            f"adapter path {module!r} has a delta of shape {tuple(d.shape)}, expected {kernels[module]} "
+            "(the adapter was made for another model).",
+        )
+        kernel = flat[(*path[:-1], "kernel")]
+        flat[(*path[:-1], "kernel")] = (jnp.asarray(kernel, jnp.float32) + d).astype(kernel.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def fold(params, lora_tree: dict, scale: float) -> dict:
+    """A copy of `params` with W + s a b at every adapted path (the LoRA merged in)."""
+    return fold_delta(params, delta(lora_tree, scale))
+
+
+def count(lora_tree: dict) -> int:
+    """Number of scalars in a LoRA (or any) tree."""
+    return int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(lora_tree)))
