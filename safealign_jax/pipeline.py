@@ -230,13 +230,30 @@ def generate(
     check(tuple(latents.shape) == (batch, *shape), f"latents have shape {tuple(latents.shape)}, expected {(batch, *shape)}.")
     keys = jnp.stack([jax.random.fold_in(jax.random.key(int(s)), 1) for s in seeds])
     sampler_obj = make_sampler(sampler, pipe.scheduler, num_steps)
+    latents, context, added, user_tokens, keys = shard_batch(
+        (jnp.asarray(latents, jnp.float32), context, added, user_tokens, keys), batch
+    )
     out = _denoiser(pipe.unet)(
-        sampler_obj, variables, jnp.asarray(latents, jnp.float32), context, added, user_tokens,
+        sampler_obj, variables, latents, context, added, user_tokens,
         keys, jnp.float32(guidance), jnp.float32(guidance_rescale),
     )
     if return_latents:
         return np.asarray(out)
     return decode_latents(pipe, out)
+
+
+def shard_batch(tree, batch: int):
+    """Places arrays with a leading batch axis (`batch` or 2 * `batch` rows) across all devices.
+
+    With one device, or a batch that does not divide by the device count, arrays stay as they
+    are; otherwise the compiled loop runs data-parallel over a 1-D "data" mesh.
+    """
+    devices = jax.devices()
+    if len(devices) == 1 or batch % len(devices):
+        return tree
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    return jax.tree.map(lambda x: jax.device_put(x, rows), tree)
 
 
 def decode_latents(pipe: Pipeline, latents: jax.Array) -> np.ndarray:

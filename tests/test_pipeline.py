@@ -64,3 +64,25 @@ def test_bad_inputs(folders, pipes, tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(UserError, match="no unet/ folder"):
         load_pipeline(str(tmp_path))
+
+
+def test_sharded_over_8_devices_equals_one(folders, tmp_path):
+    """The same generation on an 8-device simulated mesh (subprocess) equals one device."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import numpy as np, jax; from safealign_jax.pipeline import generate, load_pipeline;"
+        f"pipe = load_pipeline({folders['sd']!r}); assert jax.device_count() == 8;"
+        "x = generate(pipe, ['the cat'] * 8, list(range(8)), num_steps=2, sampler='euler_ancestral');"
+        f"np.save({str(tmp_path / 'x.npy')!r}, x[:, :4, :4])"
+    )
+    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=300,
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    sharded = np.load(tmp_path / "x.npy")
+    single = generate(load_pipeline(folders["sd"]), ["the cat"] * 8, list(range(8)), num_steps=2,
+                      sampler="euler_ancestral")[:, :4, :4]
+    np.testing.assert_allclose(sharded, single, atol=1e-5)
