@@ -1,0 +1,54 @@
+"""Validation of the training config (configs/train.py): one-line UserErrors naming the field."""
+
+from safealign_jax.errors import UserError
+
+CHOICES = {
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
+    "model.prediction_type": ("epsilon", "v_prediction"),
+    "optim.name": ("adamw", "adafactor"),
+    "optim.schedule": ("constant", "cosine"),
+    "data.source": ("synthetic",),
+}
+
+
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def _require(config, dotted: str, ok: bool, expected: str) -> None:
+    if not ok:
+        raise UserError(f"--config.{dotted}={_get(config, dotted)!r} is invalid (expected {expected}).")
+
+
+def validate(config) -> None:
+    """Raises UserError for the first invalid value of a training config."""
+    for dotted, allowed in CHOICES.items():
+        _require(config, dotted, _get(config, dotted) in allowed, f"one of {list(allowed)}")
+    _require(config, "lora.rank", config.lora.rank >= 1, "an integer >= 1")
+    _require(config, "lora.alpha", config.lora.alpha > 0, "a number > 0")
+    _require(config, "dpo.beta", config.dpo.beta >= 0, "a number >= 0")
+    _require(config, "dpo.caption_dropout", 0 <= config.dpo.caption_dropout <= 1, "a probability in [0, 1]")
+    _require(config, "optim.learning_rate", config.optim.learning_rate > 0, "a number > 0")
+    _require(config, "optim.warmup_steps", config.optim.warmup_steps >= 0, "an integer >= 0")
+    _require(config, "optim.clip_norm", config.optim.clip_norm >= 0, "a number >= 0 (0 disables)")
+    _require(config, "optim.grad_accum", config.optim.grad_accum >= 1, "an integer >= 1")
+    _require(config, "optim.weight_decay", config.optim.weight_decay >= 0, "a number >= 0")
+    _require(config, "train.steps", config.train.steps >= 1, "an integer >= 1")
+    _require(config, "train.pairs_per_device", config.train.pairs_per_device >= 1, "an integer >= 1")
+    _require(config, "train.log_every", config.train.log_every >= 1, "an integer >= 1")
+    _require(config, "train.checkpoint_every", config.train.checkpoint_every >= 1, "an integer >= 1")
+    _require(config, "train.keep_checkpoints", config.train.keep_checkpoints >= 1, "an integer >= 1")
+    _require(config, "data.resolution", config.data.resolution >= 8 and config.data.resolution % 8 == 0,
+             "a positive multiple of 8")
+    _require(config, "data.seq_len", config.data.seq_len >= 1, "an integer >= 1")
+    for axis in ("data", "fsdp"):
+        size = config.mesh[axis]
+        _require(config, f"mesh.{axis}", size == -1 or size >= 1, "-1 (fill) or an integer >= 1")
+    if config.mesh.data == -1 and config.mesh.fsdp == -1:
+        raise UserError("--config.mesh.data and --config.mesh.fsdp are both -1 (at most one may fill).")
+    if not config.model.path and config.preset != "tiny":
+        raise UserError(f"--config.model.path is empty: preset {config.preset!r} needs a diffusers folder.")

@@ -1,0 +1,69 @@
+"""The batch-source protocol the loop consumes, and the synthetic in-memory source.
+
+A source is an iterator of dicts of numpy arrays holding THIS process's rows of the global
+batch (leading axis = pairs), plus `get_state() -> dict` (JSON-serialisable) and
+`set_state(dict)` so a resumed run continues with the next batch. Keys: latents_w, latents_l
+(B, H, W, C), encoder_hidden_states (B, S, D), optional added_cond {text_embeds, time_ids}.
+"""
+
+from typing import Protocol
+
+import numpy as np
+
+
+class BatchSource(Protocol):
+    def __iter__(self): ...
+
+    def __next__(self) -> dict: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+
+class SyntheticPairs:
+    """Random latent pairs and text embeddings, deterministic in (seed, batch index, row).
+
+    Every process draws the same global batch and keeps `rows`, so results do not depend on how
+    many processes feed it.
+    """
+
+    def __init__(self, seed: int, global_rows: int, rows: slice, latent_size: int, channels: int,
+                 seq_len: int, context_dim: int, added_cond_dims: tuple[int, int] | None = None):
+        self.seed, self.global_rows, self.rows = seed, global_rows, rows
+        self.latent_shape = (latent_size, latent_size, channels)
+        self.context_shape = (seq_len, context_dim)
+        self.added_cond_dims = added_cond_dims
+        self.index = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rng = np.random.default_rng([self.seed, self.index])
+        self.index += 1
+        n = self.global_rows
+        batch = {
+            "latents_w": rng.standard_normal((n, *self.latent_shape), np.float32),
+            "latents_l": rng.standard_normal((n, *self.latent_shape), np.float32),
+            "encoder_hidden_states": rng.standard_normal((n, *self.context_shape), np.float32),
+        }
+        if self.added_cond_dims:
+            pooled, time_ids = self.added_cond_dims
+            batch["added_cond"] = {
+                "text_embeds": rng.standard_normal((n, pooled), np.float32),
+                "time_ids": np.tile(np.float32([[1024, 1024, 0, 0, 1024, 1024]]), (n, 1))[:, :time_ids],
+            }
+        return {k: _rows(v, self.rows) for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+def _rows(value, rows: slice):
+    if isinstance(value, dict):
+        return {k: v[rows] for k, v in value.items()}
+    return value[rows]

@@ -1,0 +1,171 @@
+"""The training loop: mesh, base model + LoRA, AOT-compiled step, checkpoints, metrics.
+
+Multi-host: with `config.distributed.initialize`, `jax.distributed.initialize()` runs first;
+every process builds the same mesh over all devices and feeds only its rows of each global
+batch (`jax.make_array_from_process_local_data`). Metrics stay on device inside the loop and
+are fetched every `train.log_every` steps; process 0 writes workdir/metrics.jsonl (one line per
+step), TensorBoard events (if tensorboardX is installed), a tqdm bar and workdir/summary.json.
+"""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from safealign_jax import lora
+from safealign_jax.train import checkpoint, objective
+from safealign_jax.train import mesh as mesh_lib
+from safealign_jax.train import state as state_lib
+from safealign_jax.train.config import validate
+from safealign_jax.train.data import SyntheticPairs
+from safealign_jax.train.model import load_base
+from safealign_jax.train.step import compile_step, make_train_step
+
+
+def initialize_distributed(config) -> None:
+    """`jax.distributed.initialize` from `config.distributed` (empty fields = auto-detect)."""
+    d = config.distributed
+    if d.initialize:
+        jax.distributed.initialize(
+            coordinator_address=d.coordinator or None,
+            num_processes=d.num_processes or None,
+            process_id=d.process_id if d.process_id >= 0 else None,
+        )
+
+
+def make_source(config, module, global_rows: int, rows: slice):
+    """The batch source of `config.data.source` delivering this process's `rows`."""
+    cfg = module.config
+    added = None
+    if cfg.addition_embed_type == "text_time":
+        added = (cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim, 6)
+    return SyntheticPairs(config.seed, global_rows, rows, config.data.resolution // 8,
+                          config.data.latent_channels, config.data.seq_len,
+                          cfg.cross_attention_dim, added)
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard + tqdm on process 0; nothing elsewhere."""
+
+    def __init__(self, workdir: str, config, first: int, total: int):
+        self.main = jax.process_index() == 0
+        self.file = self.tb = self.bar = None
+        if not self.main:
+            return
+        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:
+            pass
+        if config.train.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=first, desc="train", dynamic_ncols=True)
+
+    def write(self, records: list[dict], pairs_per_second: float) -> None:
+        if not self.main:
+            return
+        for r in records:
+            self.file.write(json.dumps(r) + "\n")
+            if self.tb:
+                for k, v in r.items():
+                    if k != "step":
+                        self.tb.add_scalar(f"train/{k}", v, r["step"])
+        self.file.flush()
+        if self.bar:
+            last = records[-1]
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['implicit_accuracy']:.2f}",
+                                 pairs_s=f"{pairs_per_second:.1f}")
+            self.bar.update(len(records))
+
+    def close(self) -> None:
+        for handle in (self.file, self.tb, self.bar):
+            if handle:
+                handle.close()
+
+
+def train(config, workdir: str):
+    """Trains (or resumes) the LoRA of `config` in `workdir`. Returns (final TrainState, summary)."""
+    validate(config)
+    initialize_distributed(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh_lib.make_mesh(config)
+    replicated = mesh_lib.replicated(mesh)
+    module, params, base_ref = load_base(config)
+    lora_cfg = lora.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha)
+    global_pairs = config.train.pairs_per_device * jax.device_count()
+    optimizer = state_lib.make_optimizer(config, global_pairs)
+    state = state_lib.init_state(lora.init(jax.random.key(config.seed + 1), params, lora_cfg),
+                                 optimizer, config.seed)
+    state_sh = mesh_lib.replicated_like(state, mesh)
+    params_sh = mesh_lib.param_shardings(params, mesh, config)
+    params = mesh_lib.put_global(params, params_sh)
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    source = make_source(config, module, global_pairs, mesh_lib.local_rows(batch_sh, global_pairs))
+
+    ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints,
+                                   config.train.async_checkpoints)
+    if ckpts.latest_step() is not None:
+        state, data_state = ckpts.restore(checkpoint.abstract_like(state, state_sh), base_ref,
+                                          config.to_dict())
+        source.set_state(data_state)
+    else:
+        state = mesh_lib.put_global(state, state_sh)
+    first = int(jax.device_get(state.step))
+
+    schedule = objective.training_schedule(config.model.path, config.model.prediction_type)
+    loss_fn = objective.make_loss_fn(module, lora_cfg.scale, schedule, config.dpo.beta)
+    step_fn = make_train_step(loss_fn, optimizer, config.dpo.caption_dropout)
+    empty = mesh_lib.put_global(np.zeros((config.data.seq_len, module.config.cross_attention_dim),
+                                         np.float32), replicated)
+    total = config.train.steps
+    logger = _Logger(workdir, config, first, total)
+    compiled, compile_s = None, 0.0
+    pending, last_time, last_step, run_start, records = [], None, first, None, []
+    try:
+        for step in range(first, total):
+            batch = mesh_lib.global_batch(next(source), batch_sh, global_pairs)
+            if compiled is None:
+                start = time.perf_counter()
+                compiled = compile_step(step_fn, state, state_sh, params, params_sh, batch, batch_sh,
+                                        empty, replicated)
+                compile_s = time.perf_counter() - start
+                run_start = last_time = time.perf_counter()
+            state, metrics = compiled(state, params, batch, empty)
+            for value in metrics.values():
+                value.copy_to_host_async()
+            pending.append((step + 1, metrics))
+            done = step + 1 == total
+            if (step + 1) % config.train.log_every == 0 or done:
+                fetched = jax.device_get([m for _, m in pending])
+                now = time.perf_counter()
+                records = [{"step": s, **{k: float(v) for k, v in m.items()}}
+                           for (s, _), m in zip(pending, fetched, strict=True)]
+                logger.write(records, (step + 1 - last_step) * global_pairs / (now - last_time))
+                pending, last_time, last_step = [], now, step + 1
+            if (step + 1) % config.train.checkpoint_every == 0 or done:
+                ckpts.save(step + 1, state, config.to_dict(), source.get_state(), base_ref)
+        ckpts.wait()
+    finally:
+        logger.close()
+        ckpts.close()
+    elapsed = (time.perf_counter() - run_start) if run_start else 0.0
+    steps_run = total - first
+    summary = {
+        "steps": total, "steps_this_run": steps_run, "devices": jax.device_count(),
+        "processes": jax.process_count(), "mesh": dict(mesh.shape), "global_pairs_per_step": global_pairs,
+        "lora_parameters": lora.count(state.trainable),
+        "fsdp_sharded_param_leaves": sum(not s.is_fully_replicated for s in jax.tree.leaves(params_sh)),
+        "compile_s": compile_s,
+        "steps_per_s": steps_run / elapsed if elapsed else 0.0,
+        "pairs_per_s": steps_run * global_pairs / elapsed if elapsed else 0.0,
+        "final": records[-1] if records else {},
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return state, summary

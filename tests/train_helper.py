@@ -1,0 +1,63 @@
+"""Runs the tiny training config and saves the final LoRA tree; used by tests/test_train_*.py,
+in-process (`run`) or as a fresh python (`python tests/train_helper.py JOBS_JSON`) so a test can
+choose the device count (XLA_FLAGS) or run several jax.distributed processes.
+
+JOBS_JSON: a list of {"workdir": str, "out": str (.npz, written by process 0), "overrides":
+{dotted: value}}, run in order; a job failing with a UserError writes {"error": message} to
+out with suffix .json instead.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(overrides: dict):
+    spec = importlib.util.spec_from_file_location("train_config", ROOT / "configs/train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.train.progress_bar = False
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def flat_arrays(tree) -> dict[str, np.ndarray]:
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def run(workdir: str, overrides: dict, out: str | None = None) -> tuple[dict, dict]:
+    """Trains; returns (flat final LoRA arrays, summary) and saves them to `out` on process 0."""
+    import jax
+
+    from safealign_jax.train.loop import train
+
+    state, summary = train(tiny_config(overrides), workdir)
+    arrays = flat_arrays(state.trainable)
+    if out and jax.process_index() == 0:
+        np.savez(out, **arrays)
+        Path(out).with_suffix(".json").write_text(json.dumps(summary))
+    return arrays, summary
+
+
+if __name__ == "__main__":
+    from safealign_jax.errors import UserError
+
+    for job in json.loads(sys.argv[1]):
+        try:
+            run(job["workdir"], job["overrides"], job["out"])
+        except UserError as e:
+            Path(job["out"]).with_suffix(".json").write_text(json.dumps({"error": str(e)}))
