@@ -14,8 +14,7 @@ trainer differentiates, w.r.t. the trainable tree only:
 
     def loss_fn(lora_tree):
         trainable = {"lora": lora.variables(lora_tree, cfg.scale)}
-        return diffusion_dpo_loss(module.apply, params, trainable, batch,
-                                  alphas_cumprod, prediction_type, key, beta)
+        return diffusion_dpo_loss(module.apply, params, trainable, batch, schedule, key, beta)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora_tree)
 
@@ -26,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from safealign_jax.errors import check
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from safealign_jax.schedulers import DDPMSchedule, add_noise, target
 
 
 def per_example_mse(pred: jax.Array, target: jax.Array) -> jax.Array:
@@ -80,33 +78,6 @@ def sft_loss(mse_policy_w: jax.Array) -> tuple[jax.Array, dict]:
     return loss, {"loss": loss, "mse_policy_w": loss}
 
 
-def _noise_and_target(
-    alphas_cumprod: jax.Array, prediction_type: str, x0: jax.Array, noise: jax.Array, t: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """DDPM forward noising and the regression target, float32.
-
-    x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps; target = eps ("epsilon"),
-    v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 ("v_prediction") or x0 ("sample").
-
-    Args:
-      alphas_cumprod: (T,) the schedule's cumulative products ab.
-      x0, noise: (B, ...) clean latents and eps; t: (B,) integer timesteps.
-    """
-    check(
-        prediction_type in PREDICTION_TYPES,
-        f"prediction_type={prediction_type!r} is unsupported (expected one of {list(PREDICTION_TYPES)}).",
-    )
-    ab = jnp.asarray(alphas_cumprod, jnp.float32)[t].reshape((-1,) + (1,) * (x0.ndim - 1))
-    x0, noise = x0.astype(jnp.float32), noise.astype(jnp.float32)
-    signal, sigma = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-    x_t = signal * x0 + sigma * noise
-    if prediction_type == "epsilon":
-        return x_t, noise
-    if prediction_type == "v_prediction":
-        return x_t, signal * noise - sigma * x0
-    return x_t, x0
-
-
 def _draw(key: jax.Array, shape: tuple[int, ...], num_timesteps: int) -> tuple[jax.Array, jax.Array]:
     """eps ~ N(0, I) of `shape` (float32) and t ~ U{0..num_timesteps-1} of shape (shape[0],)."""
     key_noise, key_t = jax.random.split(key)
@@ -124,8 +95,7 @@ def diffusion_dpo_loss(
     params,
     trainable: dict,
     batch: dict,
-    alphas_cumprod: jax.Array,
-    prediction_type: str,
+    schedule: DDPMSchedule,
     key: jax.Array,
     beta: float,
 ) -> tuple[jax.Array, dict]:
@@ -139,8 +109,8 @@ def diffusion_dpo_loss(
         {"adapter": ...}; the reference runs on {"params": params} alone.
       batch: latents_w, latents_l (B, H, W, C); encoder_hidden_states (B, S, D); optional
         added_cond {"text_embeds", "time_ids"} (SDXL) and user_tokens (B, N, D) (PSA).
-      alphas_cumprod: (T,) of the model's DDPM schedule; t ~ U{0..T-1}.
-      prediction_type: "epsilon", "v_prediction" or "sample".
+      schedule: the model's DDPM training schedule (its prediction_type sets the target);
+        t ~ U{0..T-1}.
       key: PRNG key for the noise and timesteps (one eps and one t per pair, shared by w and l).
       beta: the DPO temperature (papers: 5000).
     Returns:
@@ -151,11 +121,11 @@ def diffusion_dpo_loss(
         x_w.shape == x_l.shape,
         f"batch latents_w {x_w.shape} and latents_l {x_l.shape} must have the same shape.",
     )
-    noise, t = _draw(key, x_w.shape, alphas_cumprod.shape[0])
-    t = _twice(t)  # the same noise and timestep for x_w (first half) and x_l (second half)
-    sample, target = _noise_and_target(
-        alphas_cumprod, prediction_type, jnp.concatenate([x_w, x_l]), _twice(noise), t
-    )
+    noise, t = _draw(key, x_w.shape, schedule.num_train_timesteps)
+    # the same noise and timestep for x_w (first half) and x_l (second half)
+    t, noise = _twice(t), _twice(noise)
+    x0 = jnp.concatenate([x_w, x_l]).astype(jnp.float32)
+    sample, goal = add_noise(schedule, x0, noise, t), target(schedule, x0, noise, t)
     conditioning = (
         t,
         _twice(batch["encoder_hidden_states"]),
@@ -166,7 +136,7 @@ def diffusion_dpo_loss(
     reference = jax.lax.stop_gradient(apply_fn({"params": params}, sample, *conditioning))
     # One reduction for all four errors, so that equal predictions give bitwise equal errors
     # (separately compiled reductions may round differently, which beta = 5000 would amplify).
-    mse = per_example_mse(jnp.concatenate([policy, reference]), _twice(target))
+    mse = per_example_mse(jnp.concatenate([policy, reference]), _twice(goal))
     policy_w, policy_l, ref_w, ref_l = jnp.split(mse, 4)
     return dpo_loss(policy_w, policy_l, ref_w, ref_l, beta)
 
@@ -176,15 +146,15 @@ def diffusion_sft_loss(
     params,
     trainable: dict,
     batch: dict,
-    alphas_cumprod: jax.Array,
-    prediction_type: str,
+    schedule: DDPMSchedule,
     key: jax.Array,
 ) -> tuple[jax.Array, dict]:
     """The SFT baseline on the preferred latents of `batch` (same arguments as
     `diffusion_dpo_loss`; latents_l is ignored). One policy call of batch B."""
     x_w = batch["latents_w"]
-    noise, t = _draw(key, x_w.shape, alphas_cumprod.shape[0])
-    noisy, target = _noise_and_target(alphas_cumprod, prediction_type, x_w, noise, t)
+    noise, t = _draw(key, x_w.shape, schedule.num_train_timesteps)
+    x0 = x_w.astype(jnp.float32)
+    noisy, goal = add_noise(schedule, x0, noise, t), target(schedule, x0, noise, t)
     pred = apply_fn(
         {"params": params, **trainable},
         noisy,
@@ -193,4 +163,4 @@ def diffusion_sft_loss(
         batch.get("added_cond"),
         batch.get("user_tokens"),
     )
-    return sft_loss(per_example_mse(pred, target))
+    return sft_loss(per_example_mse(pred, goal))

@@ -9,14 +9,21 @@ import pytest
 from flax import traverse_util
 
 from safealign_jax import UserError, dpo, lora
+from safealign_jax.schedulers import ddpm_schedule, scheduler_config_from_dict
 
 BETA = 5000.0
 
 
-def scaled_linear_alphas_cumprod(steps=1000, start=0.00085, end=0.012) -> np.ndarray:
-    """Stable Diffusion's DDPM schedule: betas linear in sqrt, then cumulative products of 1 - beta."""
-    betas = np.linspace(start**0.5, end**0.5, steps, dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas).astype(np.float32)
+def sd_schedule(prediction_type: str):
+    """Stable Diffusion's DDPM training schedule with the given prediction type."""
+    return ddpm_schedule(scheduler_config_from_dict({
+        "_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "beta_end": 0.012, "prediction_type": prediction_type,
+    }))
+
+
+def scaled_linear_alphas_cumprod() -> np.ndarray:
+    return np.asarray(sd_schedule("epsilon").alphas_cumprod)
 
 
 def neg_log_sigmoid(z):
@@ -104,26 +111,6 @@ def test_sft_loss():
     assert loss == 3.0 and metrics["loss"] == 3.0
 
 
-def test_noising_matches_diffusers():
-    import torch
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    alphas_cumprod = scheduler.alphas_cumprod.numpy()
-    np.testing.assert_allclose(alphas_cumprod, scaled_linear_alphas_cumprod(), rtol=1e-6)
-    rng = np.random.default_rng(0)
-    x0, noise = rng.standard_normal((2, 2, 4, 8, 8), np.float32)
-    t = np.array([0, 999])
-    noisy = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
-    velocity = scheduler.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
-    for prediction_type, target in [("epsilon", noise), ("v_prediction", velocity), ("sample", x0)]:
-        ours_noisy, ours_target = dpo._noise_and_target(alphas_cumprod, prediction_type, x0, noise, t)
-        np.testing.assert_allclose(ours_noisy, noisy, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(ours_target, target, rtol=1e-5, atol=1e-6, err_msg=prediction_type)
-    with pytest.raises(UserError, match="prediction_type='flow'"):
-        dpo._noise_and_target(alphas_cumprod, "flow", x0, noise, t)
-
-
 def _toy_batch(b=3, seed=0, user_tokens=True):
     rng = np.random.default_rng(seed)
     batch = {
@@ -191,7 +178,7 @@ def test_diffusion_dpo_loss_on_a_toy_model(prediction_type, user_tokens):
     trainable = {"lora": {"theta": theta}}
     loss, metrics = jax.jit(
         lambda trainable, batch, key: dpo.diffusion_dpo_loss(
-            toy, {}, trainable, batch, alphas_cumprod, prediction_type, key, TOY_BETA
+            toy, {}, trainable, batch, sd_schedule(prediction_type), key, TOY_BETA
         )
     )(trainable, batch, key)
     assert toy.calls == [(6, {"params", "lora"}), (6, {"params"})]
@@ -201,7 +188,7 @@ def test_diffusion_dpo_loss_on_a_toy_model(prediction_type, user_tokens):
     assert metrics["loss"] == loss
     sft, _ = jax.jit(
         lambda trainable, batch, key: dpo.diffusion_sft_loss(
-            toy, {}, trainable, batch, alphas_cumprod, prediction_type, key
+            toy, {}, trainable, batch, sd_schedule(prediction_type), key
         )
     )(trainable, batch, key)
     assert toy.calls[-1] == (3, {"params", "lora"})
@@ -212,7 +199,7 @@ def test_diffusion_dpo_loss_errors():
     batch = _toy_batch()
     batch["latents_l"] = batch["latents_l"][:, :2]
     with pytest.raises(UserError, match=r"latents_w \(3, 4, 4, 2\) and latents_l \(3, 2, 4, 2\)"):
-        dpo.diffusion_dpo_loss(ToyUNet(), {}, {}, batch, scaled_linear_alphas_cumprod(), "epsilon", jax.random.key(0), BETA)
+        dpo.diffusion_dpo_loss(ToyUNet(), {}, {}, batch, sd_schedule("epsilon"), jax.random.key(0), BETA)
 
 
 # --- the tiny UNet with LoRA ----------------------------------------------------------------
@@ -230,11 +217,10 @@ def unet_dpo(tiny_unet):
         "latents_l": rng.standard_normal((2, 16, 16, 4), np.float32),
         "encoder_hidden_states": rng.standard_normal((2, 7, 32), np.float32),
     }
-    alphas_cumprod = scaled_linear_alphas_cumprod()
 
     def loss_fn(tree, params, key):
         trainable = {"lora": lora.variables(tree, config.scale)}
-        return dpo.diffusion_dpo_loss(module.apply, params, trainable, batch, alphas_cumprod, "epsilon", key, BETA)
+        return dpo.diffusion_dpo_loss(module.apply, params, trainable, batch, sd_schedule("epsilon"), key, BETA)
 
     return loss_fn, jax.jit(jax.value_and_grad(loss_fn, has_aux=True)), tree, params
 

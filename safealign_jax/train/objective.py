@@ -26,7 +26,6 @@ def make_loss_fn(module, lora_scale: float, schedule: DDPMSchedule, beta: float)
 
     def loss_fn(lora_tree, params, batch, key):
         trainable = {"lora": lora.variables(lora_tree, lora_scale)}
-        return dpo.diffusion_dpo_loss(module.apply, params, trainable, batch, schedule.alphas_cumprod,
-                                      schedule.prediction_type, key, beta)
+        return dpo.diffusion_dpo_loss(module.apply, params, trainable, batch, schedule, key, beta)
 
     return loss_fn
