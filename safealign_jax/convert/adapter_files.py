@@ -1,0 +1,157 @@
+"""The PSA adapter tree <-> a diffusers IP-Adapter safetensors file (numpy + safetensors only).
+
+File keys (PyTorch layouts), as diffusers' `load_ip_adapter` reads them:
+  image_proj.proj.weight (4 * D, E), image_proj.proj.bias (4 * D,)   Linear(E -> 4 * D)
+  image_proj.norm.weight (D,), image_proj.norm.bias (D,)             LayerNorm(D)
+  ip_adapter.<2 j + 1>.to_k_ip.weight / to_v_ip.weight (inner, D)    j-th attn2 in processor order
+
+The "proj.weight" key makes diffusers build `ImageProjection`, whose token count is fixed at 4.
+An adapter with N user tokens (N in 1, 2, 4) is written with every token repeated 4 / N times:
+attention over r identical keys/values equals attention over one of them, and LayerNorm is
+per token, so the diffusers model computes exactly the same output. N is kept in the metadata
+("psa_num_tokens") so `load_ip_adapter` restores the N-token tree; files without it (ordinary
+IP-Adapters) are read with N = 4. The scale lambda is not stored (`pipe.set_ip_adapter_scale`).
+"""
+
+import re
+
+import numpy as np
+from flax import traverse_util
+
+from safealign_jax.adapter import cross_attention_paths
+from safealign_jax.convert.files import read_tensors, summarise, write_safetensors
+from safealign_jax.errors import UserError, check
+
+DIFFUSERS_TOKENS = 4
+TOKENS_KEY = "psa_num_tokens"
+_GROUPS = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+_INDEXED = re.compile(r"^(.*)_(\d+)$")
+
+
+def _torch_order(path: tuple[str, ...]):
+    """Sort key reproducing PyTorch module registration order (down, up, mid; list indices)."""
+    parts = []
+    for name in path:
+        match = _INDEXED.match(name)
+        parts.append((match.group(1), int(match.group(2))) if match else (name, -1))
+    return (_GROUPS.get(_INDEXED.sub(r"\1", path[0]), 3), parts)
+
+
+def processor_order(unet_params: dict) -> list[tuple[str, ...]]:
+    """The attn2 paths in the order of diffusers' `unet.attn_processors` (IP-Adapter numbering)."""
+    return sorted(cross_attention_paths(unet_params), key=_torch_order)
+
+
+def ip_keys(unet_params: dict) -> dict[tuple[str, ...], int]:
+    """{attn2 path: diffusers ip_adapter key id}: 1, 3, 5, ... in processor order."""
+    return {p: 2 * j + 1 for j, p in enumerate(processor_order(unet_params))}
+
+
+def _cross_shapes(unet_params: dict) -> dict[tuple[str, ...], tuple[int, int]]:
+    flat = traverse_util.flatten_dict(unet_params)
+    return {p: tuple(flat[(*p, "to_k", "kernel")].shape) for p in cross_attention_paths(unet_params)}
+
+
+def save_ip_adapter(path: str, adapter_tree: dict, unet_params: dict, dtype=np.float32) -> dict:
+    """Writes the adapter as a diffusers IP-Adapter file. Returns {"path", "keys", "tokens", "dtype"}.
+
+    Load in PyTorch with `pipe.load_ip_adapter(folder, subfolder="", weight_name=file,
+    image_encoder_folder=None)`, `pipe.set_ip_adapter_scale(lambda)`, then pass the (B, 1, E) user
+    embedding as `ip_adapter_image_embeds=[...]` (pipeline) or `added_cond_kwargs={"image_embeds": [...]}`.
+    """
+    shapes = _cross_shapes(unet_params)
+    attn = {p: v for p, v in _flat_attn(adapter_tree).items()}
+    check(set(attn) == set(shapes), "the adapter's attention layers do not match the UNet's cross-attentions "
+                                    f"(adapter {summarise(sorted('/'.join(p) for p in set(attn) - set(shapes)))}; "
+                                    f"UNet {summarise(sorted('/'.join(p) for p in set(shapes) - set(attn)))}).")
+    kernel = np.asarray(adapter_tree["proj"]["kernel"], np.float32)
+    bias = np.asarray(adapter_tree["proj"]["bias"], np.float32)
+    d = int(adapter_tree["norm"]["scale"].shape[0])
+    embed, width = kernel.shape
+    n = width // d
+    check(n * d == width and DIFFUSERS_TOKENS % n == 0,
+          f"the adapter has {width / d:g} user tokens; diffusers' IP-Adapter ImageProjection has "
+          f"{DIFFUSERS_TOKENS}, so only 1, 2 or 4 tokens can be exported.")
+    repeat = DIFFUSERS_TOKENS // n
+    kernel = np.repeat(kernel.reshape(embed, n, d), repeat, axis=1).reshape(embed, DIFFUSERS_TOKENS * d)
+    bias = np.repeat(bias.reshape(n, d), repeat, axis=0).reshape(-1)
+    tensors = {
+        "image_proj.proj.weight": kernel.T,
+        "image_proj.proj.bias": bias,
+        "image_proj.norm.weight": np.asarray(adapter_tree["norm"]["scale"], np.float32),
+        "image_proj.norm.bias": np.asarray(adapter_tree["norm"]["bias"], np.float32),
+    }
+    for p, key_id in ip_keys(unet_params).items():
+        for name in ("to_k_ip", "to_v_ip"):
+            value = np.asarray(attn[p][name], np.float32)
+            check(value.shape == shapes[p], f"adapter {'/'.join(p)}/{name} has shape {value.shape}, "
+                                            f"expected {shapes[p]}.")
+            tensors[f"ip_adapter.{key_id}.{name}.weight"] = value.T
+    tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    write_safetensors(path, tensors, {"format": "pt", TOKENS_KEY: str(n)})
+    return {"path": path, "keys": len(tensors), "tokens": n, "dtype": np.dtype(dtype).name}
+
+
+def _flat_attn(adapter_tree: dict) -> dict[tuple[str, ...], dict]:
+    flat = traverse_util.flatten_dict(adapter_tree["attn"])
+    out: dict[tuple[str, ...], dict] = {}
+    for p, v in flat.items():
+        out.setdefault(p[:-1], {})[p[-1]] = v
+    return out
+
+
+def load_ip_adapter(path: str, unet_params: dict) -> dict:
+    """Reads a diffusers IP-Adapter (ImageProjection) safetensors file as a PSA adapter tree.
+
+    Raises:
+      UserError naming missing / foreign keys and shape mismatches in one message, or when the
+      file's repeated user tokens are not identical copies.
+    """
+    tensors, metadata = read_tensors(path)
+    shapes = _cross_shapes(unet_params)
+    keys = ip_keys(unet_params)
+    proj = tensors.get("image_proj.proj.weight")
+    check(proj is not None and proj.ndim == 2,
+          f"{path}: no 2-D image_proj.proj.weight (not a diffusers IP-Adapter with ImageProjection).")
+    d = next(iter(shapes.values()))[0]
+    expected = {"image_proj.proj.weight": (DIFFUSERS_TOKENS * d, proj.shape[1]),
+                "image_proj.proj.bias": (DIFFUSERS_TOKENS * d,),
+                "image_proj.norm.weight": (d,), "image_proj.norm.bias": (d,)}
+    for p, key_id in keys.items():
+        for name in ("to_k_ip", "to_v_ip"):
+            expected[f"ip_adapter.{key_id}.{name}.weight"] = shapes[p][::-1]
+    missing = sorted(set(expected) - set(tensors))
+    foreign = sorted(set(tensors) - set(expected))
+    mismatched = [f"{k} has shape {tuple(tensors[k].shape)}, expected {expected[k]}"
+                  for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {summarise(missing)}")
+    if foreign:
+        problems.append(f"{len(foreign)} unexpected key(s): {summarise(foreign)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {summarise(mismatched, 3)}")
+    if problems:
+        raise UserError(f"{path}: not an IP-Adapter for this UNet: " + "; ".join(problems) + ".")
+    try:
+        n = int(metadata.get(TOKENS_KEY, DIFFUSERS_TOKENS))
+    except ValueError:
+        raise UserError(f"{path}: metadata {TOKENS_KEY}={metadata[TOKENS_KEY]!r} is not an integer.") from None
+    check(n in (1, 2, 4), f"{path}: metadata {TOKENS_KEY}={n} (expected 1, 2 or 4).")
+    repeat = DIFFUSERS_TOKENS // n
+    kernel = np.asarray(tensors["image_proj.proj.weight"], np.float32).T.reshape(-1, DIFFUSERS_TOKENS, d)
+    bias = np.asarray(tensors["image_proj.proj.bias"], np.float32).reshape(DIFFUSERS_TOKENS, d)
+    check(all(np.array_equal(kernel[:, i], kernel[:, i - i % repeat]) and np.array_equal(bias[i], bias[i - i % repeat])
+              for i in range(DIFFUSERS_TOKENS)),
+          f"{path}: says {TOKENS_KEY}={n} but its {DIFFUSERS_TOKENS} projected tokens are not {repeat} copies each.")
+    attn = {}
+    for p, key_id in keys.items():
+        for name in ("to_k_ip", "to_v_ip"):
+            attn[(*p, name)] = np.asarray(tensors[f"ip_adapter.{key_id}.{name}.weight"], np.float32).T.copy()
+    return {
+        "proj": {"kernel": kernel[:, ::repeat].reshape(kernel.shape[0], n * d).copy(),
+                 "bias": bias[::repeat].reshape(-1).copy()},
+        "norm": {"scale": np.asarray(tensors["image_proj.norm.weight"], np.float32).copy(),
+                 "bias": np.asarray(tensors["image_proj.norm.bias"], np.float32).copy()},
+        "attn": traverse_util.unflatten_dict(attn),
+    }

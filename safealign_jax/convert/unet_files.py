@@ -1,0 +1,87 @@
+"""A (folded) UNet params tree -> a diffusers `unet/` folder or a whole pipeline folder.
+
+Writes go to a temporary sibling folder that is renamed into place, so a crash never leaves a
+half-written folder. Weights: unet/diffusion_pytorch_model[.fp16].safetensors named through
+`DIFFUSERS_NAMES`; config.json is the base model's.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from safealign_jax.convert.checkpoint import read_config
+from safealign_jax.convert.files import write_safetensors
+from safealign_jax.convert.names import state_dict_from_params
+from safealign_jax.errors import check
+from safealign_jax.models.load import DIFFUSERS_NAMES, component_folder
+
+
+def _replace_folder(tmp: str, folder: str) -> None:
+    """Moves the finished `tmp` folder to `folder`, replacing an existing one."""
+    if os.path.isdir(folder):
+        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(folder))
+        os.rmdir(old)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+def _write_unet(folder: str, config: dict, params: dict, fp16: bool) -> None:
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    dtype = np.float16 if fp16 else np.float32
+    tensors = {k: v.astype(dtype) for k, v in state_dict_from_params(params, DIFFUSERS_NAMES).items()}
+    name = "diffusion_pytorch_model" + (".fp16" if fp16 else "") + ".safetensors"
+    write_safetensors(os.path.join(folder, name), tensors, {"format": "pt"})
+
+
+def save_unet_folder(folder: str, unet_config: dict, params: dict, fp16: bool = False) -> dict:
+    """Writes `params` as a diffusers UNet folder (`UNet2DConditionModel.from_pretrained(folder)`).
+
+    Args:
+      folder: the output folder (replaced if it exists).
+      unet_config: the base UNet's config.json as a dict (e.g. `read_config(base/unet)`).
+      params: the UNet params tree (e.g. `lora.fold(params, tree, scale)`).
+      fp16: write diffusion_pytorch_model.fp16.safetensors in float16 (load with variant="fp16").
+    Returns {"path", "tensors", "dtype"}.
+    """
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    check(os.path.isdir(parent), f"{folder}: the parent folder {parent} does not exist.")
+    tmp = tempfile.mkdtemp(prefix=".tmp-unet-", dir=parent)
+    try:
+        os.rmdir(tmp)
+        _write_unet(tmp, unet_config, params, fp16)
+        _replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"path": folder, "tensors": len(state_dict_from_params(params, DIFFUSERS_NAMES)),
+            "dtype": "float16" if fp16 else "float32"}
+
+
+def save_pipeline_folder(base_pipeline_folder: str, out_folder: str, params: dict, fp16: bool = False) -> dict:
+    """Copies the base pipeline (everything but unet/) and writes `params` as its unet/.
+
+    Load with `DiffusionPipeline.from_pretrained(out_folder)`.
+    """
+    check(os.path.isfile(os.path.join(base_pipeline_folder, "model_index.json")),
+          f"{base_pipeline_folder}: not a diffusers pipeline folder (no model_index.json).")
+    config = read_config(component_folder(base_pipeline_folder, "unet"))
+    out_folder = os.path.abspath(out_folder)
+    parent = os.path.dirname(out_folder)
+    check(os.path.isdir(parent), f"{out_folder}: the parent folder {parent} does not exist.")
+    tmp = tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=parent)
+    try:
+        os.rmdir(tmp)
+        shutil.copytree(base_pipeline_folder, tmp, ignore=shutil.ignore_patterns("unet"))
+        _write_unet(os.path.join(tmp, "unet"), config, params, fp16)
+        _replace_folder(tmp, out_folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"path": out_folder, "dtype": "float16" if fp16 else "float32"}
