@@ -9,6 +9,7 @@ checkpoints resumes from the latest; resuming on different base weights is refus
 import hashlib
 import json
 import os
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
@@ -106,3 +107,37 @@ class Checkpoints:
 def abstract_like(tree, shardings):
     """ShapeDtypeStructs with `shardings`, the restore target of `tree`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def read_trainable(path: str, step: int | None = None) -> dict:
+    """The trainable tree of a finished or running training, for export / sampling / merging.
+
+    Args:
+      path: a training workdir, its `checkpoints/` folder, or one `checkpoints/<step>/` folder.
+      step: which checkpoint (default: the latest, or the one `path` names).
+    Returns:
+      {"step", "trainable" (numpy tree), "config" (dict), "base_model" ({"path", "sha256"})}.
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+        path, step = os.path.dirname(path), int(os.path.basename(path))
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such training workdir or checkpoint folder.")
+    manager = ocp.CheckpointManager(path)
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise UserError(f"{path}: no checkpoint {'' if step is None else step} (found steps {list(manager.all_steps())}).")
+    meta = manager.restore(step, args=ocp.args.Composite(
+        base_model=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()
+    ))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sharding read from the checkpoint: fine on one host
+        state = ocp.PyTreeCheckpointer().restore(os.path.join(path, str(step), "state"))
+    return {
+        "step": step,
+        "trainable": jax.device_get(state["trainable"]),
+        "config": meta["config"],
+        "base_model": meta["base_model"],
+    }

@@ -1,0 +1,72 @@
+"""Exports a training checkpoint for PyTorch users (see configs/export.py for the formats).
+
+    python scripts/export.py --config configs/export.py:FORMAT --workdir OUT --config.checkpoint=RUN
+
+Loading the results in diffusers:
+    pipe.load_lora_weights("OUT/lora.safetensors")                     # peft or kohya
+    UNet2DConditionModel.from_pretrained("OUT/unet")                   # unet (or the pipeline OUT)
+    pipe.load_ip_adapter("OUT", subfolder="", weight_name="psa_adapter.safetensors",
+                         image_encoder_folder=None)                    # ip-adapter
+"""
+
+import json
+import os
+
+import numpy as np
+
+from safealign_jax import cli, lora
+from safealign_jax.convert.adapter_files import save_ip_adapter
+from safealign_jax.convert.checkpoint import read_config
+from safealign_jax.convert.lora_files import save_kohya_lora, save_peft_lora
+from safealign_jax.convert.unet_files import save_pipeline_folder, save_unet_folder
+from safealign_jax.errors import check
+from safealign_jax.models import load_unet
+from safealign_jax.models.load import component_folder
+from safealign_jax.train.checkpoint import read_trainable
+
+CONFIG = cli.define_flags()
+FORMATS = ("peft", "kohya", "unet", "ip-adapter")
+
+
+def base_folder(config, run: dict) -> str:
+    folder = config.model or run["base_model"]["path"]
+    check(
+        os.path.isdir(folder),
+        f"the base model {folder!r} is not a folder: pass the diffusers folder the run was trained on as --config.model.",
+    )
+    return folder
+
+
+def main(config, workdir):
+    check(config.format in FORMATS, f"--config.format={config.format!r} is unknown (expected one of {', '.join(FORMATS)}).")
+    check(bool(config.checkpoint), "--config.checkpoint is empty: give the training workdir.")
+    run = read_trainable(config.checkpoint, None if config.step < 0 else config.step)
+    tree = run["trainable"]
+    is_adapter = "proj" in tree and "attn" in tree
+    check(is_adapter == (config.format == "ip-adapter"),
+          f"{config.checkpoint}: the checkpoint holds a {'PSA adapter' if is_adapter else 'LoRA'}, "
+          f"which cannot be exported as {config.format!r}.")
+    os.makedirs(workdir, exist_ok=True)
+    dtype = np.float16 if config.fp16 else np.float32
+    rank, alpha = run["config"]["lora"]["rank"], run["config"]["lora"]["alpha"]
+    if config.format == "peft":
+        summary = save_peft_lora(os.path.join(workdir, "lora.safetensors"), tree, rank, alpha, dtype=dtype)
+    elif config.format == "kohya":
+        summary = save_kohya_lora(os.path.join(workdir, "lora.safetensors"), tree, rank, alpha, dtype=dtype)
+    else:
+        folder = base_folder(config, run)
+        _, params = load_unet(folder)
+        if config.format == "ip-adapter":
+            summary = save_ip_adapter(os.path.join(workdir, "psa_adapter.safetensors"), tree, params, dtype=dtype)
+        else:
+            folded = lora.fold(params, tree, alpha / rank)
+            if os.path.isfile(os.path.join(folder, "model_index.json")):
+                summary = save_pipeline_folder(folder, workdir, folded, fp16=config.fp16)
+            else:
+                unet_dir = component_folder(folder, "unet")
+                summary = save_unet_folder(os.path.join(workdir, "unet"), read_config(unet_dir), folded, fp16=config.fp16)
+    print(json.dumps({"checkpoint_step": run["step"], **summary}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    cli.run(main, CONFIG)
