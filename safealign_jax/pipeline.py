@@ -53,8 +53,14 @@ class Pipeline:
         return self.vae.config.downsample_factor
 
 
-def load_pipeline(folder: str, dtype: Dtype = jnp.float32, variant: str | None = None) -> Pipeline:
-    """Loads every component of a diffusers pipeline folder (model_index.json layout)."""
+def load_pipeline(
+    folder: str, dtype: Dtype = jnp.float32, variant: str | None = None, unet: tuple | None = None
+) -> Pipeline:
+    """Loads every component of a diffusers pipeline folder (model_index.json layout).
+
+    `unet`: an already loaded (module, params) to use instead of reading unet/ again (e.g. the
+    trainer's sharded base params).
+    """
     check(os.path.isdir(folder), f"{folder}: no such pipeline folder.")
     index = read_config(folder, "model_index.json")
     for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
@@ -65,7 +71,7 @@ def load_pipeline(folder: str, dtype: Dtype = jnp.float32, variant: str | None =
     sdxl = "text_encoder_2" in index
     suffixes = ["", "_2"] if sdxl else [""]
     encoders = [load_text_encoder(folder, f"text_encoder{s}", dtype=dtype, variant=variant) for s in suffixes]
-    unet, unet_params = load_unet(folder, dtype=dtype, variant=variant)
+    unet, unet_params = unet or load_unet(folder, dtype=dtype, variant=variant)
     vae, vae_params = load_vae(folder, dtype=dtype, variant=variant)
     return Pipeline(
         unet=unet,
