@@ -66,7 +66,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.shard_min_size = 1 << 20
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic (random latent pairs); real loaders plug in later
+    c.data.source = "synthetic"  # synthetic (random latent pairs) | cache (scripts/prepare_data.py)
+    c.data.cache_dir = ""  # source=cache: the latent cache folder
+    c.data.category = ""  # source=cache: one CoProV2 category's pairs (expert training); "" = all
+    c.data.both_captions = False  # source=cache: each pair also captioned with its safe prompt
+    c.data.flip = "none"  # source=cache: none | shared | independent (flips the cached latents)
+    c.data.num_threads = 4  # source=cache: reader threads prefetching batches
     c.data.resolution = 512  # pixels; latents are resolution // 8
     c.data.seq_len = 77
     c.data.latent_channels = 4

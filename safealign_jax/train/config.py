@@ -8,7 +8,8 @@ CHOICES = {
     "model.prediction_type": ("epsilon", "v_prediction"),
     "optim.name": ("adamw", "adafactor"),
     "optim.schedule": ("constant", "cosine"),
-    "data.source": ("synthetic",),
+    "data.source": ("synthetic", "cache"),
+    "data.flip": ("none", "shared", "independent"),
 }
 
 
@@ -45,6 +46,10 @@ def validate(config) -> None:
     _require(config, "data.resolution", config.data.resolution >= 8 and config.data.resolution % 8 == 0,
              "a positive multiple of 8")
     _require(config, "data.seq_len", config.data.seq_len >= 1, "an integer >= 1")
+    if config.data.source == "cache":
+        _require(config, "data.cache_dir", bool(config.data.cache_dir),
+                 "a folder written by scripts/prepare_data.py")
+        _require(config, "data.num_threads", config.data.num_threads >= 0, "an integer >= 0")
     for axis in ("data", "fsdp"):
         size = config.mesh[axis]
         _require(config, f"mesh.{axis}", size == -1 or size >= 1, "-1 (fill) or an integer >= 1")

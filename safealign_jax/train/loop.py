@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from safealign_jax import lora
+from safealign_jax.errors import UserError
 from safealign_jax.train import checkpoint, objective
 from safealign_jax.train import mesh as mesh_lib
 from safealign_jax.train import state as state_lib
@@ -37,6 +38,18 @@ def initialize_distributed(config) -> None:
 
 def make_source(config, module, global_rows: int, rows: slice):
     """The batch source of `config.data.source` delivering this process's `rows`."""
+    if config.data.source == "cache":
+        from safealign_jax.data.cache import CachedPairs
+
+        source = CachedPairs(config.data.cache_dir, seed=config.seed, global_rows=global_rows, rows=rows,
+                             category=config.data.category or None,
+                             both_captions=config.data.both_captions, flip=config.data.flip,
+                             num_threads=config.data.num_threads)
+        if source.empty_embedding.shape[-1] != module.config.cross_attention_dim:
+            raise UserError(f"--config.data.cache_dir={config.data.cache_dir}: text states of width "
+                            f"{source.empty_embedding.shape[-1]}, but the UNet expects "
+                            f"{module.config.cross_attention_dim} (cache made with another pipeline?).")
+        return source
     cfg = module.config
     added = None
     if cfg.addition_embed_type == "text_time":
@@ -120,8 +133,10 @@ def train(config, workdir: str):
     schedule = objective.training_schedule(config.model.path, config.model.prediction_type)
     loss_fn = objective.make_loss_fn(module, lora_cfg.scale, schedule, config.dpo.beta)
     step_fn = make_train_step(loss_fn, optimizer, config.dpo.caption_dropout)
-    empty = mesh_lib.put_global(np.zeros((config.data.seq_len, module.config.cross_attention_dim),
-                                         np.float32), replicated)
+    empty = getattr(source, "empty_embedding", None)  # the cached "" embedding, else zeros
+    if empty is None:
+        empty = np.zeros((config.data.seq_len, module.config.cross_attention_dim), np.float32)
+    empty = mesh_lib.put_global(empty, replicated)
     total = config.train.steps
     logger = _Logger(workdir, config, first, total)
     compiled, compile_s = None, 0.0

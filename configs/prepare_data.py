@@ -1,0 +1,29 @@
+"""scripts/prepare_data.py: encode a CoProV2 data set once into a latent cache.
+
+    python scripts/prepare_data.py --config configs/prepare_data.py --workdir cache/sd15 \
+        --config.pipeline=/models/sd15 --config.dataset=data/coprov2_pairs/1.0.0
+    # or build the TFDS data set first from the released CSV + image folder (or parquet):
+    python scripts/prepare_data.py --config configs/prepare_data.py --workdir cache/sd15 \
+        --config.pipeline=/models/sd15 --config.table=CoProv2_train.csv --config.images=images \
+        --config.tfds_dir=data
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.pipeline = ""  # diffusers SD / SDXL pipeline folder (its VAE and text encoders)
+    config.dataset = ""  # built coprov2_pairs version folder; "" = build from table + images/parquet
+    config.table = ""  # CoProv2_train.csv (when dataset is "")
+    config.images = ""  # image folder (u_idx_NNNNNNN_0.jpg / s_idx_...)
+    config.parquet = ""  # comma-separated parquet files, used instead of images when given
+    config.tfds_dir = ""  # where the TFDS data set is built (when dataset is "")
+    config.policy = "skip"  # bad source rows: skip (reported in the metadata) or fail
+    config.split = "train"
+    config.resolution = 512  # pixels (shorter side resized, centre crop); 1024 for SDXL
+    config.dtype = "float32"  # float32 | float16 storage of latent moments and text states
+    config.batch_size = 8  # pairs per encoder call
+    config.shard_size = 1024  # pairs per array_record shard (the unit of resuming)
+    config.progress_bar = True
+    return config
