@@ -58,6 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
     c.train.progress_bar = True
+    c.train.sample_every = 0  # >0: write samples/step_XXXXXX.png (needs model.path in a pipeline folder)
+    c.train.sample_prompts = "a photo of a cat|a city street at night|a portrait of a person"  # '|'-separated
+    c.train.sample_steps = 25
+    c.train.sample_guidance = 7.5
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: fill with the remaining devices

@@ -130,13 +130,17 @@ def test_train_script_from_cache(built, tmp_path):
          f"--workdir={tmp_path / 'run'}", "--config.data.source=cache",
          f"--config.data.cache_dir={out}", f"--config.model.path={pipeline}/unet",
          "--config.train.steps=2", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-         "--config.train.progress_bar=False", "--config.data.category=Hate"],
+         "--config.train.progress_bar=False", "--config.data.category=Hate",
+         "--config.train.sample_every=1", "--config.train.sample_steps=2",
+         "--config.train.sample_prompts=the cat|a dog"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
     assert all(np.isfinite(json.loads(x)["loss"]) for x in lines)
+    grids = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
+    assert grids == ["step_000001.png", "step_000002.png"]  # periodic sample grids of the LoRA
 
 
 def test_prepare_data_script_builds_from_csv(built, tmp_path):

@@ -43,6 +43,8 @@ def validate(config) -> None:
     _require(config, "train.log_every", config.train.log_every >= 1, "an integer >= 1")
     _require(config, "train.checkpoint_every", config.train.checkpoint_every >= 1, "an integer >= 1")
     _require(config, "train.keep_checkpoints", config.train.keep_checkpoints >= 1, "an integer >= 1")
+    _require(config, "train.sample_every", config.train.sample_every >= 0, "an integer >= 0 (0 disables)")
+    _require(config, "train.sample_steps", config.train.sample_steps >= 1, "an integer >= 1")
     _require(config, "data.resolution", config.data.resolution >= 8 and config.data.resolution % 8 == 0,
              "a positive multiple of 8")
     _require(config, "data.seq_len", config.data.seq_len >= 1, "an integer >= 1")

@@ -22,6 +22,7 @@ from safealign_jax.train import state as state_lib
 from safealign_jax.train.config import validate
 from safealign_jax.train.data import SyntheticPairs
 from safealign_jax.train.model import load_base
+from safealign_jax.train.samples import SampleGrids
 from safealign_jax.train.step import compile_step, make_train_step
 
 
@@ -138,6 +139,7 @@ def train(config, workdir: str):
         empty = np.zeros((config.data.seq_len, module.config.cross_attention_dim), np.float32)
     empty = mesh_lib.put_global(empty, replicated)
     total = config.train.steps
+    grids = SampleGrids(config, module, params, workdir)
     logger = _Logger(workdir, config, first, total)
     compiled, compile_s = None, 0.0
     pending, last_time, last_step, run_start, records = [], None, first, None, []
@@ -162,6 +164,7 @@ def train(config, workdir: str):
                            for (s, _), m in zip(pending, fetched, strict=True)]
                 logger.write(records, (step + 1 - last_step) * global_pairs / (now - last_time))
                 pending, last_time, last_step = [], now, step + 1
+            grids.maybe_save(step + 1, params, state.trainable, lora_cfg.scale, done)
             if (step + 1) % config.train.checkpoint_every == 0 or done:
                 ckpts.save(step + 1, state, config.to_dict(), source.get_state(), base_ref)
         ckpts.wait()
