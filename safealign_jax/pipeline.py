@@ -117,8 +117,10 @@ def _rescale_guidance(guided, conditional, rescale):
     return rescale * guided * ratio + (1 - rescale) * guided
 
 
+@partial(jax.jit, static_argnums=0)
 def _denoise(unet, sampler, variables, latents, context, added, user_tokens, keys, guidance, rescale):
-    """The compiled loop. context/added/user_tokens hold [unconditional; conditional] (2B rows)."""
+    """The compiled loop (one compile per UNet, sampler and shapes). context/added/user_tokens
+    hold [unconditional; conditional] (2B rows)."""
 
     def body(i, carry):
         x, state = carry
@@ -141,17 +143,6 @@ def _denoise(unet, sampler, variables, latents, context, added, user_tokens, key
     state = jax.vmap(lambda xi: jax.tree.map(lambda a: a[0], sampler.init_state(xi[None])))(x)
     x, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (x, state))
     return x
-
-
-_DENOISERS: dict[int, object] = {}
-
-
-def _denoiser(unet):
-    """One jitted loop per UNet module (compiled once per shape / sampler)."""
-    key = id(unet)
-    if key not in _DENOISERS:
-        _DENOISERS[key] = jax.jit(partial(_denoise, unet))
-    return _DENOISERS[key]
 
 
 def generate(
@@ -239,7 +230,8 @@ def generate(
     latents, context, added, user_tokens, keys = shard_batch(
         (jnp.asarray(latents, jnp.float32), context, added, user_tokens, keys), batch
     )
-    out = _denoiser(pipe.unet)(
+    out = _denoise(
+        pipe.unet,
         sampler_obj, variables, latents, context, added, user_tokens,
         keys, jnp.float32(guidance), jnp.float32(guidance_rescale),
     )

@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from safealign_jax.adapter import cross_attention_paths
-from safealign_jax.convert.files import read_tensors, summarise, write_safetensors
+from safealign_jax.convert.files import key_problems, read_tensors, summarise, write_safetensors
 from safealign_jax.errors import UserError, check
 
 DIFFUSERS_TOKENS = 4
@@ -124,13 +124,7 @@ def load_ip_adapter(path: str, unet_params: dict) -> dict:
     foreign = sorted(set(tensors) - set(expected))
     mismatched = [f"{k} has shape {tuple(tensors[k].shape)}, expected {expected[k]}"
                   for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {summarise(missing)}")
-    if foreign:
-        problems.append(f"{len(foreign)} unexpected key(s): {summarise(foreign)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {summarise(mismatched, 3)}")
+    problems = key_problems(missing, foreign, mismatched, "key")
     if problems:
         raise UserError(f"{path}: not an IP-Adapter for this UNet: " + "; ".join(problems) + ".")
     try:

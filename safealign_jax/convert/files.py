@@ -68,3 +68,16 @@ def summarise(names, limit: int = 5) -> str:
     names = list(names)
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def key_problems(missing: list[str], unexpected: list[str], mismatched: list[str], noun: str) -> list[str]:
+    """One phrase per kind of mismatch between a file's keys and the expected ones, e.g.
+    "2 missing tensor(s): a, b"; empty when the file matches."""
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing {noun}(s): {summarise(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected {noun}(s): {summarise(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {summarise(mismatched, 3)}")
+    return problems

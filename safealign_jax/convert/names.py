@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from safealign_jax.convert.files import key_problems
 from safealign_jax.errors import UserError
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
@@ -69,11 +70,6 @@ def flax_to_torch_array(array: np.ndarray, leaf: str) -> np.ndarray:
     return array
 
 
-def _summarise(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def params_from_state_dict(
     expected: dict, state_dict: dict[str, np.ndarray], table: NameTable, source: str
 ) -> dict:
@@ -104,13 +100,7 @@ def params_from_state_dict(
             continue
         params[path] = array.astype(spec.dtype)
     unexpected = sorted(set(state_dict) - consumed)
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_summarise(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {_summarise(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_summarise(mismatched, 3)}")
+    problems = key_problems(missing, unexpected, mismatched, "tensor")
     if problems:
         raise UserError(f"{source}: does not match the model config: " + "; ".join(problems) + ".")
     return traverse_util.unflatten_dict(params)

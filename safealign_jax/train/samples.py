@@ -54,6 +54,6 @@ class SampleGrids:
             return
         images = generate(
             self.pipe, self.prompts, list(range(len(self.prompts))), num_steps=self.steps,
-            guidance=self.guidance, unet_params=params, lora=lora.variables(jax.device_get(lora_tree), scale),
+            guidance=self.guidance, unet_params=params, lora=lora.variables(lora_tree, scale),
         )
         save_png(contact_sheet([to_uint8(i) for i in images]), os.path.join(self.folder, f"step_{step:06d}.png"))
