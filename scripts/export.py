@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from safealign_jax import cli, lora
+from safealign_jax import cli
 from safealign_jax.convert.adapter_files import save_ip_adapter
 from safealign_jax.convert.checkpoint import read_config
 from safealign_jax.convert.lora_files import save_kohya_lora, save_peft_lora
@@ -22,14 +22,14 @@ from safealign_jax.convert.unet_files import save_pipeline_folder, save_unet_fol
 from safealign_jax.errors import check
 from safealign_jax.models import load_unet
 from safealign_jax.models.load import component_folder
-from safealign_jax.train.checkpoint import read_trainable
+from safealign_jax.trained import load_trained
 
 CONFIG = cli.define_flags()
 FORMATS = ("peft", "kohya", "unet", "ip-adapter")
 
 
-def base_folder(config, run: dict) -> str:
-    folder = config.model or run["base_model"]["path"]
+def base_folder(config, base_model: dict) -> str:
+    folder = config.model or base_model["path"]
     check(
         os.path.isdir(folder),
         f"the base model {folder!r} is not a folder: pass the diffusers folder the run was trained on as --config.model.",
@@ -40,32 +40,36 @@ def base_folder(config, run: dict) -> str:
 def main(config, workdir):
     check(config.format in FORMATS, f"--config.format={config.format!r} is unknown (expected one of {', '.join(FORMATS)}).")
     check(bool(config.checkpoint), "--config.checkpoint is empty: give the training workdir.")
-    run = read_trainable(config.checkpoint, None if config.step < 0 else config.step)
-    tree = run["trainable"]
-    is_adapter = "proj" in tree and "attn" in tree
-    check(is_adapter == (config.format == "ip-adapter"),
-          f"{config.checkpoint}: the checkpoint holds a {'PSA adapter' if is_adapter else 'LoRA'}, "
-          f"which cannot be exported as {config.format!r}.")
+    run = load_trained(config.checkpoint, None if config.step < 0 else config.step)
+    if config.format == "ip-adapter":
+        check(run.adapter is not None, f"{config.checkpoint}: the checkpoint holds no PSA adapter, so it cannot be exported as 'ip-adapter'.")
+    elif config.format in ("peft", "kohya"):
+        check(run.lora is not None,
+              f"{config.checkpoint}: the checkpoint holds {'a full-rank delta' if run.delta is not None else 'no LoRA'}, "
+              f"which cannot be exported as {config.format!r} (use format 'unet', or merge with an SVD rank).")
+    else:
+        check(run.lora is not None or run.delta is not None,
+              f"{config.checkpoint}: the checkpoint holds no LoRA or delta to fold into a UNet.")
     os.makedirs(workdir, exist_ok=True)
     dtype = np.float16 if config.fp16 else np.float32
-    rank, alpha = run["config"]["lora"]["rank"], run["config"]["lora"]["alpha"]
+    rank, alpha = run.config["lora"]["rank"], run.config["lora"]["alpha"]
     if config.format == "peft":
-        summary = save_peft_lora(os.path.join(workdir, "lora.safetensors"), tree, rank, alpha, dtype=dtype)
+        summary = save_peft_lora(os.path.join(workdir, "lora.safetensors"), run.lora, rank, alpha, dtype=dtype)
     elif config.format == "kohya":
-        summary = save_kohya_lora(os.path.join(workdir, "lora.safetensors"), tree, rank, alpha, dtype=dtype)
+        summary = save_kohya_lora(os.path.join(workdir, "lora.safetensors"), run.lora, rank, alpha, dtype=dtype)
     else:
-        folder = base_folder(config, run)
+        folder = base_folder(config, run.base_model)
         _, params = load_unet(folder)
         if config.format == "ip-adapter":
-            summary = save_ip_adapter(os.path.join(workdir, "psa_adapter.safetensors"), tree, params, dtype=dtype)
+            summary = save_ip_adapter(os.path.join(workdir, "psa_adapter.safetensors"), run.adapter, params, dtype=dtype)
         else:
-            folded = lora.fold(params, tree, alpha / rank)
+            folded = run.folded(params)
             if os.path.isfile(os.path.join(folder, "model_index.json")):
                 summary = save_pipeline_folder(folder, workdir, folded, fp16=config.fp16)
             else:
                 unet_dir = component_folder(folder, "unet")
                 summary = save_unet_folder(os.path.join(workdir, "unet"), read_config(unet_dir), folded, fp16=config.fp16)
-    print(json.dumps({"checkpoint_step": run["step"], **summary}, indent=2, default=str))
+    print(json.dumps({"checkpoint_step": run.step, **summary}, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def test_peft_round_trip(run, tiny_unet, tmp_path):
     trained = read_trainable(str(run))
     tree, rank, alpha = load_lora_file(str(tmp_path / "lora.safetensors"), tiny_unet[1])
     assert (rank, alpha) == (trained["config"]["lora"]["rank"], trained["config"]["lora"]["alpha"])
-    flat, expected = traverse_util.flatten_dict(tree), traverse_util.flatten_dict(trained["trainable"])
+    flat, expected = traverse_util.flatten_dict(tree), traverse_util.flatten_dict(trained["trainable"]["lora"])
     assert flat.keys() == expected.keys()
     for path, value in flat.items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[path]))
@@ -60,7 +60,7 @@ def test_folded_unet_loads_in_diffusers(run, tiny_unet_dir, tmp_path):
     t = np.array([321])
     context = rng.standard_normal((1, 8, 32), np.float32)
     scale = trained["config"]["lora"]["alpha"] / trained["config"]["lora"]["rank"]
-    ours = np.asarray(module.apply({"params": params, "lora": lora.variables(trained["trainable"], scale)}, x, t, context))
+    ours = np.asarray(module.apply({"params": params, "lora": lora.variables(trained["trainable"]["lora"], scale)}, x, t, context))
     base = np.asarray(module.apply({"params": params}, x, t, context))
     assert relative_error(ours, base) > 1e-4  # the trained LoRA changes the model
     with torch.no_grad():
@@ -71,4 +71,4 @@ def test_folded_unet_loads_in_diffusers(run, tiny_unet_dir, tmp_path):
 def test_wrong_format_for_checkpoint(run, tmp_path):
     result = script("export", "configs/export.py:ip-adapter", tmp_path, f"--config.checkpoint={run}")
     assert result.returncode == 2
-    assert "holds a LoRA" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "holds no PSA adapter" in result.stderr and len(result.stderr.strip().splitlines()) == 1

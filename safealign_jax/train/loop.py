@@ -113,8 +113,8 @@ def train(config, workdir: str):
     lora_cfg = lora.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha)
     global_pairs = config.train.pairs_per_device * jax.device_count()
     optimizer = state_lib.make_optimizer(config, global_pairs)
-    state = state_lib.init_state(lora.init(jax.random.key(config.seed + 1), params, lora_cfg),
-                                 optimizer, config.seed)
+    trainable = {"lora": lora.init(jax.random.key(config.seed + 1), params, lora_cfg)}
+    state = state_lib.init_state(trainable, optimizer, config.seed)
     state_sh = mesh_lib.replicated_like(state, mesh)
     params_sh = mesh_lib.param_shardings(params, mesh, config)
     params = mesh_lib.put_global(params, params_sh)
@@ -176,7 +176,7 @@ def train(config, workdir: str):
     summary = {
         "steps": total, "steps_this_run": steps_run, "devices": jax.device_count(),
         "processes": jax.process_count(), "mesh": dict(mesh.shape), "global_pairs_per_step": global_pairs,
-        "lora_parameters": lora.count(state.trainable),
+        "trainable_parameters": lora.count(state.trainable),
         "fsdp_sharded_param_leaves": sum(not s.is_fully_replicated for s in jax.tree.leaves(params_sh)),
         "compile_s": compile_s,
         "steps_per_s": steps_run / elapsed if elapsed else 0.0,

@@ -22,10 +22,11 @@ def training_schedule(model_path: str, prediction_type: str) -> DDPMSchedule:
 
 
 def make_loss_fn(module, lora_scale: float, schedule: DDPMSchedule, beta: float):
-    """loss_fn(lora_tree, params, batch, key) -> (loss, metrics) for `step.make_train_step`."""
+    """loss_fn(trainable, params, batch, key) -> (loss, metrics) for `step.make_train_step`;
+    `trainable` = {"lora": LoRA tree} (see `safealign_jax.trained`)."""
 
-    def loss_fn(lora_tree, params, batch, key):
-        trainable = {"lora": lora.variables(lora_tree, lora_scale)}
-        return dpo.diffusion_dpo_loss(module.apply, params, trainable, batch, schedule, key, beta)
+    def loss_fn(trainable, params, batch, key):
+        collections = {"lora": lora.variables(trainable["lora"], lora_scale)}
+        return dpo.diffusion_dpo_loss(module.apply, params, collections, batch, schedule, key, beta)
 
     return loss_fn

@@ -48,12 +48,12 @@ class SampleGrids:
         self.pipe = load_pipeline(folder, dtype=module.dtype, unet=(module, params))
         os.makedirs(self.folder, exist_ok=True)
 
-    def maybe_save(self, step: int, params, lora_tree, scale: float, last: bool) -> None:
+    def maybe_save(self, step: int, params, trainable: dict, scale: float, last: bool) -> None:
         """Writes the grid of `step` when it is a sampling step (or the last one)."""
         if self.pipe is None or not (step % self.every == 0 or last):
             return
         images = generate(
             self.pipe, self.prompts, list(range(len(self.prompts))), num_steps=self.steps,
-            guidance=self.guidance, unet_params=params, lora=lora.variables(lora_tree, scale),
+            guidance=self.guidance, unet_params=params, lora=lora.variables(trainable["lora"], scale),
         )
         save_png(contact_sheet([to_uint8(i) for i in images]), os.path.join(self.folder, f"step_{step:06d}.png"))
