@@ -1,17 +1,109 @@
-"""The demo (README's `make demo`).
+"""The synthetic-world demo (README's main command): pretrain a tiny base, build CoProV2-style
+pairs, train per-category experts, merge (average / task arithmetic / TIES / DARE / Co-Merge),
+train the all-single baseline and the PSA adapter, evaluate with the oracle, export.
 
-Until the synthetic safety world lands, the demo is the smallest real thing the project does:
-build a small random diffusers UNet in PyTorch, save it in the diffusers layout, load it with
-the Flax port and compare predictions.
+    python scripts/demo.py --config configs/demo.py --workdir runs/demo          # full (~15 min)
+    python scripts/demo.py --config configs/demo.py:quick --workdir runs/quick   # CI (~5 min)
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
+PRESETS = ("default", "quick")
+
+
+def _train_config(preset: str):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    spec = importlib.util.spec_from_file_location("_train_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+def _expert(steps: int, lr: float, beta: float):
+    c = _train_config("tiny")
+    c.lora.rank, c.lora.alpha = 4, 4.0
+    c.dpo.beta, c.dpo.caption_dropout = beta, 0.0
+    c.optim.learning_rate, c.optim.scale_lr_by_pairs, c.optim.warmup_steps = lr, False, 20
+    c.optim.weight_decay = 0.0
+    c.train.steps, c.train.pairs_per_device = steps, 16
+    c.train.log_every, c.train.checkpoint_every, c.train.keep_checkpoints = 50, steps, 1
+    c.data.resolution, c.data.seq_len, c.data.latent_channels = 16, 16, 48
+    return c
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.family = arg or "sd1"  # sd1 | sd2 | sdxl: which UNet structure to check
-    config.batch = 2
-    config.latent_size = 32
-    return config
+    preset = arg or "default"
+    if preset not in PRESETS:
+        raise ValueError(f"configs/demo.py:{preset}: unknown preset (expected one of {PRESETS}).")
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.seed = 0
+    c.progress = True
+    c.base_cache = ""  # folder of pretrained bases keyed by their settings; "" = WORKDIR/base_cache
+
+    c.world = ml_collections.ConfigDict()
+    c.world.num_categories = 7
+    c.world.concepts_per_category = 3
+
+    c.base = ml_collections.ConfigDict()
+    c.base.block_out_channels = (32, 64)
+    c.base.block_size = 4  # space-to-depth factor: 16x16x3 images <-> 4x4x48 latents
+    c.base.text_width = 64
+    c.base.steps = 3000
+    c.base.batch = 64
+    c.base.learning_rate = 2e-3
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.steps = 20  # DDIM
+    c.sampling.guidance = 4.0
+    c.sampling.batch = 128
+
+    c.data = ml_collections.ConfigDict()
+    c.data.pairs_per_concept = 48
+
+    c.expert = _expert(steps=300, lr=1e-3, beta=2000.0)
+
+    c.merge = ml_collections.ConfigDict()
+    c.merge.task_lambda = 1.0
+    c.merge.ties_density = 0.2
+    c.merge.ties_lambda = 1.0
+    c.merge.dare_drop = 0.5
+    c.merge.granularity = "weight"
+    c.merge.statistic = "mean_abs"
+    c.merge.calibration_examples = 128
+    c.merge.calibration_batch = 32
+    c.merge.export_rank = 8
+
+    c.curve = ml_collections.ConfigDict()
+    c.curve.categories = (1, 3, 5)  # the 7-category point is the main comparison
+
+    c.psa = ml_collections.ConfigDict()
+    c.psa.users = 50
+    c.psa.unseen_users = 10
+    c.psa.embed_dim = 32
+    c.psa.train = _expert(steps=600, lr=1e-3, beta=2000.0)
+    c.psa.train.psa.num_tokens = 1
+    c.psa.train.psa.scale = 1.0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.scenes_per_concept = 4  # x 2 held-out phrasings
+    c.eval.scenes_per_neutral = 4
+    c.eval.psa_users_per_group = 5
+
+    if preset == "quick":
+        c.world.num_categories, c.world.concepts_per_category = 3, 2
+        c.base.steps = 1200
+        c.data.pairs_per_concept = 24
+        c.expert.train.steps = 120
+        c.expert.train.checkpoint_every = 120
+        c.psa.train.train.steps = 200
+        c.psa.train.train.checkpoint_every = 200
+        c.psa.users, c.psa.unseen_users = 20, 5
+        c.curve.categories = (1,)
+        c.eval.scenes_per_concept, c.eval.scenes_per_neutral = 3, 2
+        c.eval.psa_users_per_group = 3
+        c.merge.calibration_examples = 64
+    return c

@@ -13,6 +13,9 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.kind = "coprov2"  # coprov2 | sage (PSA: a Sage split folder, see sage_split)
+    config.sage_split = ""  # kind=sage: split folder with metadata.jsonl and the images
+    config.users_csv = ""  # kind=sage: sage/users/users.csv
     config.pipeline = ""  # diffusers SD / SDXL pipeline folder (its VAE and text encoders)
     config.dataset = ""  # built coprov2_pairs version folder; "" = build from table + images/parquet
     config.table = ""  # CoProv2_train.csv (when dataset is "")

@@ -2,6 +2,10 @@
 
     python scripts/sample.py --config configs/sample.py --workdir out \
         --config.model=/path/to/pipeline --config.prompts=../shared/data/eval_prompts/ud_1434.csv
+    # a PSA run for safety level 3 (users L1..L5 from center_users.csv in the users folder):
+    python scripts/sample.py --config configs/sample.py --workdir out_l3 \
+        --config.checkpoint=runs/psa --config.level=3 --config.users=sage/users \
+        --config.embeddings=sage/embeddings --config.prompts=prompts.csv
 """
 
 import ml_collections
@@ -9,7 +13,15 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.model = ""  # a diffusers pipeline folder
+    config.model = ""  # a diffusers pipeline folder ("" with a checkpoint: its base model's pipeline)
+    config.checkpoint = ""  # a training or merge workdir (LoRA, full delta and/or PSA adapter)
+    config.checkpoint_step = -1  # -1: the latest checkpoint
+    config.user_id = ""  # PSA: the user (7 digits, or a number) whose {id}.npy is in embeddings
+    config.level = -1  # PSA: safety level 0..5 instead of user_id (-1: none)
+    config.users = ""  # PSA: users.csv / center_users.csv / the Sage users folder (levels, id check)
+    config.embeddings = ""  # PSA: folder of {user_id}.npy user embeddings
+    config.user_embedding = ""  # PSA: one .npy embedding file instead of user_id / level
+    config.adapter_scale = -1.0  # PSA lambda; < 0: the run's psa.scale
     config.prompts = ""  # a .txt file (one prompt per line) or a .csv with a prompt/caption column
     config.limit = 0  # generate for the first `limit` prompts only (0: all)
     config.negative_prompt = ""

@@ -1,4 +1,5 @@
-"""Diffusion-DPO LoRA training (SafetyDPO recipe). Presets: tiny (CPU smoke run), sd15, sd21, sdxl.
+"""Diffusion-DPO LoRA training (SafetyDPO recipe) and PSA user-adapter training. Presets: tiny (CPU
+smoke run), sd15, sd21, sdxl, psa_sd15, psa_sdxl.
 
     python scripts/train.py --config configs/train.py:sd15 --workdir runs/sd15 \
         --config.model.path=/models/sd15
@@ -7,11 +8,18 @@ Hyperparameters of sd15/sd21/sdxl follow SPEC.md section 2 (official SafetyDPO r
 LoRA rank 4 = alpha on to_q/to_k/to_v/to_out.0, AdamW(0.9, 0.999, wd 1e-2, eps 1e-8),
 lr 1e-5 x pairs per step, 500 warm-up steps then constant, clip 1.0, 2,000 steps,
 16 pairs per device, beta 5000, caption dropout 0.2; SDXL: Adafactor + remat at 1024 px.
+
+psa_sd15 / psa_sdxl (SPEC.md section 3, PSA): the user adapter (E=3584, N=1, lambda=1) trained on
+Sage (data.source=sage_cache + data.embeddings), beta 5000, fp32 adapter weights. SD1.5: AdamW
+lr 5e-6 (not scaled by pairs), 500 warm-up, 192 pairs per update (24 per device on 8 devices:
+keep pairs_per_device x devices x grad_accum = 192), 5,000 updates. SDXL: Adafactor, remat,
+1024 px, 128 pairs per update (16 per device on 8 devices). psa.train_lora=True also trains a
+SafetyDPO LoRA together with the adapter.
 """
 
 import ml_collections
 
-PRESETS = ("tiny", "sd15", "sd21", "sdxl")
+PRESETS = ("tiny", "sd15", "sd21", "sdxl", "psa_sd15", "psa_sdxl")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -32,6 +40,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 4
     c.lora.alpha = 4.0
+
+    c.psa = ml_collections.ConfigDict()
+    c.psa.enable = False  # train the PSA user adapter (batches carry user_embedding (B, E))
+    c.psa.embed_dim = 3584  # E: user-embedding width (Qwen2.5-7B-Instruct)
+    c.psa.num_tokens = 1  # N: user tokens
+    c.psa.scale = 1.0  # lambda of the user branch
+    c.psa.train_lora = False  # also train a LoRA (config lora) with the adapter
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 5000.0
@@ -57,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
+    c.train.skip_nonfinite = False  # True: skip a step with non-finite loss/gradient (else stop)
     c.train.progress_bar = True
     c.train.sample_every = 0  # >0: write samples/step_XXXXXX.png (needs model.path in a pipeline folder)
     c.train.sample_prompts = "a photo of a cat|a city street at night|a portrait of a person"  # '|'-separated
@@ -70,12 +86,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.shard_min_size = 1 << 20
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic (random latent pairs) | cache (scripts/prepare_data.py)
+    c.data.source = "synthetic"  # synthetic (random pairs) | cache (CoProV2) | sage_cache (PSA)
     c.data.cache_dir = ""  # source=cache: the latent cache folder
-    c.data.category = ""  # source=cache: one CoProV2 category's pairs (expert training); "" = all
+    c.data.category = ""  # source=cache: one CoProV2 category (expert training), or several "A,B"; "" = all
     c.data.both_captions = False  # source=cache: each pair also captioned with its safe prompt
     c.data.flip = "none"  # source=cache: none | shared | independent (flips the cached latents)
     c.data.num_threads = 4  # source=cache: reader threads prefetching batches
+    c.data.embeddings = ""  # source=sage_cache: folder of {user_id}.npy user embeddings
     c.data.resolution = 512  # pixels; latents are resolution // 8
     c.data.seq_len = 77
     c.data.latent_channels = 4
@@ -85,6 +102,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distributed.coordinator = ""  # "" = auto-detect (TPU / SLURM / ...)
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
+    # A dead process makes the others fail after about heartbeat_timeout_s (instead of hanging).
+    c.distributed.initialization_timeout_s = 300
+    c.distributed.heartbeat_timeout_s = 100
+    c.distributed.shutdown_timeout_s = 300
+
+    c.experts = ml_collections.ConfigDict()  # scripts/train_experts.py (SafetyDPO safety experts)
+    c.experts.categories = ""  # comma-separated CoProV2 categories; "" = all seven
+    c.experts.all_single = False  # also train the "all-single" baseline (one LoRA, all categories)
 
     if preset == "tiny":
         c.lora.rank, c.lora.alpha = 2, 2.0
@@ -96,9 +121,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif preset == "sd21":
         c.data.resolution = 768
         c.model.prediction_type = "v_prediction"
-    elif preset == "sdxl":
+    elif preset in ("sdxl", "psa_sdxl"):
         c.optim.name = "adafactor"
         c.model.remat_policy = "full"
         c.model.compute_dtype = "bfloat16"
         c.data.resolution = 1024
+    if preset.startswith("psa_"):
+        c.psa.enable = True
+        c.data.source = "sage_cache"
+        c.optim.learning_rate, c.optim.scale_lr_by_pairs = 5e-6, False
+        c.train.steps = 5000
+        c.train.pairs_per_device = 24 if preset == "psa_sd15" else 16
+        c.train.checkpoint_every = 500
     return c

@@ -1,5 +1,6 @@
 """Shared plumbing of the scripts: `--config file.py[:arg]` with `--config.x=y` overrides,
-`--workdir`, and user errors printed as one line (no traceback) with exit status 2.
+`--workdir`, and user errors printed as one line (no traceback) with exit status 2 (a training
+stopped by SIGTERM / SIGINT after its final checkpoint: 128 + the signal number).
 
     from safealign_jax import cli
     CONFIG = cli.define_flags()
@@ -43,9 +44,18 @@ def run(main, config_flag) -> None:
         try:
             main(config_flag.value, workdir)
         except UserError as e:
-            _fail(str(e))
+            _fail(str(e), getattr(e, "exit_code", 2))
 
     app.run(_main, flags_parser=_parse_flags)
+
+
+def output_folder(path: str) -> str:
+    """Creates the output folder `path` (with parents); UserError naming it if that fails."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--workdir={path}: cannot create the output folder ({e.strerror}).") from None
+    return path
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -59,13 +69,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        _fail(str(e).splitlines()[0])
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if "Traceback (most recent call last)" in str(e):  # the config file's get_config raised
+            _fail(f"{lines[0]} {lines[-1].split(': ', 1)[-1]}")
+        _fail(lines[0])
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         text = str(e).encode().decode("unicode_escape").replace("'", "").split()
         _fail(f"bad --config override: no such field {' '.join(text)}")
     return []
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)

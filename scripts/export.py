@@ -50,13 +50,12 @@ def main(config, workdir):
     else:
         check(run.lora is not None or run.delta is not None,
               f"{config.checkpoint}: the checkpoint holds no LoRA or delta to fold into a UNet.")
-    os.makedirs(workdir, exist_ok=True)
+    cli.output_folder(workdir)
     dtype = np.float16 if config.fp16 else np.float32
-    rank, alpha = run.config["lora"]["rank"], run.config["lora"]["alpha"]
-    if config.format == "peft":
-        summary = save_peft_lora(os.path.join(workdir, "lora.safetensors"), run.lora, rank, alpha, dtype=dtype)
-    elif config.format == "kohya":
-        summary = save_kohya_lora(os.path.join(workdir, "lora.safetensors"), run.lora, rank, alpha, dtype=dtype)
+    if config.format in ("peft", "kohya"):
+        save = save_peft_lora if config.format == "peft" else save_kohya_lora
+        rank, alpha = run.config["lora"]["rank"], run.config["lora"]["alpha"]
+        summary = save(os.path.join(workdir, "lora.safetensors"), run.lora, rank, alpha, dtype=dtype)
     else:
         folder = base_folder(config, run.base_model)
         _, params = load_unet(folder)

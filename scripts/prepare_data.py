@@ -4,9 +4,15 @@ cache read by training with --config.data.source=cache --config.data.cache_dir=W
     python scripts/prepare_data.py --config configs/prepare_data.py --workdir cache/sd15 \
         --config.pipeline=/models/sd15 --config.dataset=data/coprov2_pairs/1.0.0
 
+Sage (PSA) split folder (metadata.jsonl + images) instead, for --config.data.source=sage_cache:
+
+    python scripts/prepare_data.py --config configs/prepare_data.py --workdir cache/sage_sd15 \
+        --config.kind=sage --config.pipeline=/models/sd15 --config.sage_split=sage/train \
+        --config.users_csv=sage/users/users.csv
+
 Resumable: finished shards are skipped. Multi-host: run it on every process (after
 jax.distributed.initialize via the usual environment); process i encodes shards i::n.
-Format: safealign_jax/data/cache.py.
+Formats: safealign_jax/data/cache.py, safealign_jax/data/sage_cache.py.
 """
 
 import json
@@ -38,6 +44,20 @@ def main(config, workdir):
 
     if not config.pipeline:
         raise UserError("--config.pipeline is empty: give a diffusers pipeline folder.")
+    if config.kind not in ("coprov2", "sage"):
+        raise UserError(f"--config.kind={config.kind!r} is not one of ['coprov2', 'sage'].")
+    if config.kind == "sage":
+        from safealign_jax.data.sage_cache import write_sage_cache
+
+        if not (config.sage_split and config.users_csv):
+            raise UserError("--config.kind=sage needs --config.sage_split (folder with metadata.jsonl "
+                            "and images) and --config.users_csv.")
+        metadata = write_sage_cache(config.sage_split, config.users_csv, config.pipeline, workdir,
+                                    resolution=config.resolution, dtype=config.dtype,
+                                    batch_size=config.batch_size, shard_size=config.shard_size,
+                                    policy=config.policy, progress=config.progress_bar)
+        print(json.dumps({k: metadata[k] for k in ("num_examples", "shards", "resolution", "dtype")}))
+        return
     metadata = write_cache(built_dataset(config), config.pipeline, workdir,
                            resolution=config.resolution, split=config.split, dtype=config.dtype,
                            batch_size=config.batch_size, shard_size=config.shard_size,

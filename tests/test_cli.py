@@ -23,13 +23,13 @@ def assert_one_line_error(result, *fragments):
 
 
 def test_config_typo(tmp_path):
-    result = run_script("--config", "configs/demo.py", "--config.famly=sd1", "--workdir", str(tmp_path))
-    assert_one_line_error(result, "famly", 'Did you mean "family"')
+    result = run_script("--config", "configs/demo.py", "--config.sed=1", "--workdir", str(tmp_path))
+    assert_one_line_error(result, "sed", 'Did you mean "seed"')
 
 
 def test_config_wrong_type(tmp_path):
-    result = run_script("--config", "configs/demo.py", "--config.batch=two", "--workdir", str(tmp_path))
-    assert_one_line_error(result, "--config.batch=two")
+    result = run_script("--config", "configs/demo.py", "--config.seed=two", "--workdir", str(tmp_path))
+    assert_one_line_error(result, "--config.seed=two")
 
 
 def test_missing_config_file(tmp_path):
@@ -38,5 +38,5 @@ def test_missing_config_file(tmp_path):
 
 
 def test_bad_value_is_user_error(tmp_path):
-    result = run_script("--config", "configs/demo.py", "--config.family=sd9", "--workdir", str(tmp_path))
-    assert_one_line_error(result, "sd9")
+    result = run_script("--config", "configs/demo.py:huge", "--workdir", str(tmp_path))
+    assert_one_line_error(result, "huge")

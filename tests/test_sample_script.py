@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from pipelines import build_sd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,5 +55,61 @@ def test_bad_input_is_one_line(model, tmp_path, content, override, fragment):
     prompts.write_text(content)
     result = sample(tmp_path / "out", f"--config.model={model}", f"--config.prompts={prompts}", *[o for o in [override] if o])
     assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def run_script(name, workdir, *overrides):
+    return subprocess.run(
+        [sys.executable, str(ROOT / f"scripts/{name}.py"), "--config", str(ROOT / f"configs/{name}.py"),
+         "--workdir", str(workdir), *overrides],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def psa_run(model, tmp_path_factory):
+    """A PSA adapter + LoRA trained 3 steps by scripts/train.py on the tiny pipeline (E = 8)."""
+    tmp = tmp_path_factory.mktemp("psa")
+    result = run_script(
+        "train", tmp / "run", f"--config.model.path={model}", "--config.psa.enable=True",
+        "--config.psa.embed_dim=8", "--config.psa.train_lora=True", "--config.train.steps=3", "--config.train.checkpoint_every=3",
+        "--config.train.log_every=3", "--config.data.resolution=64", "--config.data.seq_len=4",
+        "--config.optim.learning_rate=0.01", "--config.train.progress_bar=False",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rng = np.random.default_rng(0)
+    for name, size in (("u1", 8), ("u2", 8), ("bad", 9)):
+        np.save(tmp / f"{name}.npy", rng.standard_normal(size).astype(np.float32))
+    (tmp / "prompts.txt").write_text("the cat\n")
+    return tmp
+
+
+def test_train_then_sample_two_users(psa_run):
+    images = {}
+    for user in ("u1", "u2"):
+        out = psa_run / f"out_{user}"
+        result = run_script("sample", out, f"--config.checkpoint={psa_run / 'run'}",
+                            f"--config.user_embedding={psa_run / f'{user}.npy'}",
+                            f"--config.prompts={psa_run / 'prompts.txt'}", "--config.steps=2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        images[user] = np.asarray(Image.open(out / "00000.png"), np.float32)
+        record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+        assert record["user_id"] == user and record["checkpoint_step"] == 3 and record["adapter_scale"] == 1.0
+    assert np.abs(images["u1"] - images["u2"]).max() > 0
+
+
+@pytest.mark.parametrize(
+    ("user", "fragment"),
+    [("", "holds a PSA adapter: the PSA adapter needs a user"),
+     ("bad", "has 9 values, but the adapter expects 8"),
+     ("no-checkpoint", "need a PSA --config.checkpoint")],
+)
+def test_adapter_user_errors_are_one_line(psa_run, user, fragment):
+    extra = [f"--config.user_embedding={psa_run / f'{user}.npy'}"] if user else []
+    checkpoint = [] if user == "no-checkpoint" else [f"--config.checkpoint={psa_run / 'run'}"]
+    result = run_script("sample", psa_run / "err", *checkpoint,
+                        f"--config.prompts={psa_run / 'prompts.txt'}", *extra)
+    assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], result.stderr

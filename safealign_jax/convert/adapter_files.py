@@ -1,4 +1,5 @@
-"""The PSA adapter tree <-> a diffusers IP-Adapter safetensors file (numpy + safetensors only).
+"""The PSA adapter tree <-> a diffusers IP-Adapter safetensors file (numpy + safetensors only), and
+the import of official PSAlign adapter files (`load_psalign_adapter`, layout below).
 
 File keys (PyTorch layouts), as diffusers' `load_ip_adapter` reads them:
   image_proj.proj.weight (4 * D, E), image_proj.proj.bias (4 * D,)   Linear(E -> 4 * D)
@@ -147,5 +148,73 @@ def load_ip_adapter(path: str, unet_params: dict) -> dict:
                  "bias": bias[::repeat].reshape(-1).copy()},
         "norm": {"scale": np.asarray(tensors["image_proj.norm.weight"], np.float32).copy(),
                  "bias": np.asarray(tensors["image_proj.norm.bias"], np.float32).copy()},
+        "attn": traverse_util.unflatten_dict(attn),
+    }
+
+
+# The official PSAlign adapter file (github.com/M-E-AGI-Lab/PSAlign, psa_adapter/psa_adapter.py,
+# `PSAAdapter.load_psa_adapter`): a safetensors file with flat keys, or a torch.save .bin holding
+# {"user_proj": {...}, "psa_adapter": {...}}:
+#   user_proj.proj.weight (N * D, E), user_proj.proj.bias (N * D,)   PSAProjection Linear
+#   user_proj.norm.weight (D,), user_proj.norm.bias (D,)             LayerNorm(D)
+#   psa_adapter.<j>.to_k_user.0.weight / to_v_user.0.weight (inner, D)   j-th attn2 in processor order
+# `PSAAttnProcessor2_0` built with an int num_tokens holds ONE to_k_user / to_v_user and attends
+# to user token 0 only, so a file with N > 1 projected tokens acts as its first token alone: the
+# import keeps that token (an N = 1 tree with the same outputs).
+PSALIGN_PREFIXES = ("user_proj", "psa_adapter")
+
+
+def _psalign_tensors(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
+    """Flat {key: float32 array} of a PSAlign safetensors file or nested torch.save .bin."""
+    if not path.endswith((".bin", ".pt", ".pth")):
+        return {k: np.asarray(v, np.float32) for k, v in read_tensors(path)[0].items()}
+    check(allow_pickle, f"{path}: is a PyTorch pickle; pass allow_pickle=True to read it (only for files "
+                        "you trust), or convert it to safetensors.")
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling failure means a bad user file
+        raise UserError(f"{path}: not a readable PyTorch weights file ({e}).") from None
+    check(isinstance(state, dict) and set(PSALIGN_PREFIXES) <= set(state),
+          f"{path}: expected a dict with entries {PSALIGN_PREFIXES} (a PSAlign adapter .bin).")
+    return {f"{group}.{k}": v.detach().float().numpy() for group in PSALIGN_PREFIXES
+            for k, v in state[group].items()}
+
+
+def load_psalign_adapter(path: str, unet_params: dict, allow_pickle: bool = False) -> dict:
+    """Reads an official PSAlign adapter file (layout above) as a PSA adapter tree (N = 1).
+
+    Raises:
+      UserError naming missing / foreign keys and shape mismatches in one message.
+    """
+    tensors = _psalign_tensors(path, allow_pickle)
+    shapes = _cross_shapes(unet_params)
+    proj = tensors.get("user_proj.proj.weight")
+    check(proj is not None and proj.ndim == 2,
+          f"{path}: no 2-D user_proj.proj.weight (not a PSAlign adapter file).")
+    d = next(iter(shapes.values()))[0]
+    check(proj.shape[0] % d == 0, f"{path}: user_proj.proj.weight has {proj.shape[0]} outputs, "
+                                  f"not a multiple of the UNet's cross-attention width {d}.")
+    expected = {"user_proj.proj.weight": (proj.shape[0], proj.shape[1]), "user_proj.proj.bias": (proj.shape[0],),
+                "user_proj.norm.weight": (d,), "user_proj.norm.bias": (d,)}
+    order = processor_order(unet_params)
+    for j, p in enumerate(order):
+        for name in ("to_k_user", "to_v_user"):
+            expected[f"psa_adapter.{j}.{name}.0.weight"] = shapes[p][::-1]
+    missing = sorted(set(expected) - set(tensors))
+    foreign = sorted(set(tensors) - set(expected))
+    mismatched = [f"{k} has shape {tuple(tensors[k].shape)}, expected {expected[k]}"
+                  for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != expected[k]]
+    problems = key_problems(missing, foreign, mismatched, "key")
+    if problems:
+        raise UserError(f"{path}: not a PSAlign adapter for this UNet: " + "; ".join(problems) + ".")
+    attn = {}
+    for j, p in enumerate(order):
+        for ours, theirs in (("to_k_ip", "to_k_user"), ("to_v_ip", "to_v_user")):
+            attn[(*p, ours)] = tensors[f"psa_adapter.{j}.{theirs}.0.weight"].T.copy()
+    return {
+        "proj": {"kernel": proj[:d].T.copy(), "bias": tensors["user_proj.proj.bias"][:d].copy()},
+        "norm": {"scale": tensors["user_proj.norm.weight"].copy(), "bias": tensors["user_proj.norm.bias"].copy()},
         "attn": traverse_util.unflatten_dict(attn),
     }

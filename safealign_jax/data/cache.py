@@ -211,7 +211,7 @@ def open_cache(cache_dir) -> tuple[dict, dict[str, np.ndarray]]:
 class CachedExamples:
     """Cached CoProV2 pairs as loader examples: {"id", "caption_kind", "preferred", "rejected"
     (VAE [mean, logvar] arrays), "encoder_hidden_states" (+ "pooled")}; optionally one
-    category's pairs, optionally each pair twice (harmful and safe caption), as CoProV2Examples."""
+    category's pairs (or several: 'Hate,Violence'), optionally each pair twice (harmful and safe caption), as CoProV2Examples."""
 
     def __init__(self, cache_dir, category: str | None = None, both_captions: bool = False):
         import grain
@@ -220,11 +220,14 @@ class CachedExamples:
         path = Path(cache_dir)
         self._source = grain.sources.ArrayRecordDataSource([str(path / n) for n in self.metadata["shards"]])
         positions = range(len(self._source))
-        if category is not None:
-            name = categories.COPROV2.require(category, "CoProV2 category selection")
-            if name not in self.metadata["category_index"]:
-                raise UserError(f"category {name!r} selected but {path} has no category index for it.")
-            positions = list(self.metadata["category_index"][name])
+        if category is not None:  # one category, or several separated by commas
+            selected = set()
+            for spelling in category.split(","):
+                name = categories.COPROV2.require(spelling, "CoProV2 category selection")
+                if name not in self.metadata["category_index"]:
+                    raise UserError(f"category {name!r} selected but {path} has no category index for it.")
+                selected.update(self.metadata["category_index"][name])
+            positions = sorted(selected)
         self._choices = [(positions[i], kind)
                          for i, kind in coprov2.caption_choices(len(positions), both_captions)]
 
@@ -287,6 +290,7 @@ class CachedPairs:
 
     def __next__(self) -> dict:
         batch = next(self._iter)
+        self._last_ids = [x.decode() if isinstance(x, bytes) else str(x) for x in batch["id"]]
         rows = range(self.rows.start, self.rows.start + len(batch["id"]))
         latents = {
             key: sample_latents(batch[name], self.scale, self.shift,
@@ -302,6 +306,10 @@ class CachedPairs:
                 "time_ids": np.tile(np.float32([[size, size, 0, 0, size, size]]), (len(rows), 1)),
             }
         return out
+
+    def last_ids(self) -> list[str]:
+        """Example ids of this process's rows of the batch returned last (for error reports)."""
+        return list(self._last_ids)
 
     def get_state(self) -> dict:
         return {"index": self.index, "loader": self._iter.get_state()}

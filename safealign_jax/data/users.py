@@ -12,7 +12,9 @@ from least to most restrictive. `level_user(level)` returns the users the offici
 evaluation script hard-codes (`PUBLISHED_LEVEL_USERS`, the ones behind the paper's numbers);
 `level_user(level, center_users)` derives the order from a center_users.csv instead (by number
 of banned categories, ties in file order). The center_users.csv shipped in ../shared/data comes
-from a different clustering run than the published ids.
+from a different clustering run than the published ids. Sampling and evaluation resolve levels
+with `safealign_jax.psa_users.level_user_ids`, which uses center_users.csv when one is given
+(SPEC.md) and these published ids only as the fallback.
 """
 
 from __future__ import annotations

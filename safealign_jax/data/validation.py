@@ -101,8 +101,8 @@ def enforce(report: Report, policy: str, what: str) -> Report:
     if policy == "fail" and report.problems:
         raise UserError(
             f"{what}: {len(report.problems)} unusable row(s) or file(s) {report.counts()} "
-            f"(set policy 'skip' to leave them out and get a report); first ones:\n"
-            + "\n".join(f"  {p}" for p in report.problems[:5])
+            f"(set policy 'skip' to leave them out and get a report); first ones: "
+            + "; ".join(str(p) for p in report.problems[:3])
         )
     return report
 

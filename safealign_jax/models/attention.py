@@ -1,14 +1,18 @@
 """Attention and transformer blocks, named as diffusers' Attention / BasicTransformerBlock /
 Transformer2DModel so parameter paths match the checkpoints.
 
-Tokens are (batch, length, width). Attention runs through `jax.nn.dot_product_attention`, which
-picks the fused cuDNN kernel on GPUs when shapes and dtypes allow.
+Tokens are (batch, length, width). Attention runs through `jax.nn.dot_product_attention`; its
+implementation is XLA's unless chosen at trace time with `attention_implementation("cudnn")`
+(the fused cuDNN kernel on GPUs, applied to bf16/fp16 attention only; fp32 stays on XLA).
 
 The PSA seam: an `Attention` used as cross-attention reads, when present, its own entries
 `to_k_ip` (D, inner) and `to_v_ip` (D, inner) of the "adapter" collection and adds an attention
 over the user tokens: out = to_out(Attn(q, K, V) + Attn(q, u to_k_ip, u to_v_ip)). The user-branch
 scale lambda is folded into `to_v_ip` by `safealign_jax.adapter` (attention is linear in V).
 """
+
+import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +21,18 @@ from flax import linen as nn
 from safealign_jax.models.layers import Dense, Dtype, conv, group_norm, layer_norm
 
 ADAPTER = "adapter"
+_IMPLEMENTATION = contextvars.ContextVar("attention_implementation", default=None)
+
+
+@contextlib.contextmanager
+def attention_implementation(name: str | None):
+    """Models traced inside the block call `jax.nn.dot_product_attention` with
+    implementation=`name` ("xla" or "cudnn"; None or "" lets JAX choose). Wrap the jit lowering."""
+    token = _IMPLEMENTATION.set(name or None)
+    try:
+        yield
+    finally:
+        _IMPLEMENTATION.reset(token)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, upcast: bool) -> jax.Array:
@@ -34,7 +50,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, upcast: bool) -
     q, k, v = split(q), split(k), split(v)
     if upcast:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v)
+    implementation = _IMPLEMENTATION.get()
+    if implementation == "cudnn" and q.dtype == jnp.float32:
+        implementation = None  # cuDNN's fused attention takes bf16 / fp16 only
+    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     return out.reshape(b, tq, inner).astype(dtype)
 
 

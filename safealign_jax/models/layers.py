@@ -9,6 +9,11 @@ paths of the params tree:
 
 so `module.apply({"params": base, "lora": lora_vars}, ...)` runs the adapted model and
 omitting "lora" runs the base (the DPO reference). See `safealign_jax.lora`.
+
+Calibration (Co-Merge, `safealign_jax.merge`): when the "calibration" collection is mutable
+(`apply(..., mutable=["calibration"])`), every Dense adds the per-input-channel sums of |x| and
+x^2 over all its input rows ("abs_sum", "sq_sum", (in,) float32) and the row count ("count");
+otherwise nothing is computed.
 """
 
 import jax
@@ -16,6 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 LORA = "lora"
+CALIBRATION = "calibration"
 
 Dtype = jnp.dtype
 
@@ -40,6 +46,8 @@ class Dense(nn.Module):
             "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype
         )
         x = x.astype(self.dtype)
+        if self.is_mutable_collection(CALIBRATION):
+            self._sow_input_statistics(x)
         y = jnp.dot(x, kernel.astype(self.dtype))
         if self.has_variable(LORA, "a"):
             a = self.get_variable(LORA, "a").astype(self.dtype)
@@ -52,6 +60,12 @@ class Dense(nn.Module):
                 self.dtype
             )
         return y
+
+    def _sow_input_statistics(self, x: jax.Array) -> None:
+        rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        for name, value in (("abs_sum", jnp.abs(rows).sum(0)), ("sq_sum", jnp.square(rows).sum(0)),
+                            ("count", jnp.float32(rows.shape[0]))):
+            self.sow(CALIBRATION, name, value, init_fn=lambda: 0.0, reduce_fn=jnp.add)
 
 
 def conv(

@@ -21,6 +21,7 @@ from flax import linen as nn
 from safealign_jax.convert.checkpoint import read_config, read_state_dict
 from safealign_jax.convert.names import params_from_state_dict
 from safealign_jax.errors import UserError, check
+from safealign_jax.models import space_to_depth
 from safealign_jax.models.attention import attend
 from safealign_jax.models.layers import Dense, Dtype, conv, group_norm
 from safealign_jax.models.load import DIFFUSERS_NAMES, abstract_params, component_folder
@@ -346,8 +347,9 @@ def load_vae(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     variant: str | None = None,
-) -> tuple[AutoencoderKL, dict]:
-    """Loads a diffusers AutoencoderKL as (Flax module, params).
+) -> tuple[nn.Module, dict]:
+    """Loads a diffusers AutoencoderKL as (Flax module, params); a `SpaceToDepthAutoencoder`
+    config (pixel-space toy pipelines, see `space_to_depth`) gives that exact map and no params.
 
     Args:
       folder: a diffusers `vae/` folder or a pipeline folder containing `subfolder`.
@@ -358,7 +360,11 @@ def load_vae(
       carries scaling_factor / shift_factor.
     """
     folder = component_folder(folder, subfolder)
-    config = VAEConfig.from_diffusers(read_config(folder), os.path.join(folder, "config.json"))
+    raw = read_config(folder)
+    if raw.get("_class_name") == space_to_depth.CLASS_NAME:  # exact pixel-space stand-in
+        s2d = space_to_depth.SpaceToDepthConfig.from_diffusers(raw, os.path.join(folder, "config.json"))
+        return space_to_depth.SpaceToDepthAutoencoder(s2d, dtype=dtype, param_dtype=param_dtype), {}
+    config = VAEConfig.from_diffusers(raw, os.path.join(folder, "config.json"))
     module = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype)
     f = config.downsample_factor
     expected = abstract_params(module, jnp.zeros((1, f, f, config.in_channels), jnp.float32))

@@ -3,12 +3,23 @@
 Each checkpoint holds: "state" (the TrainState: step, trainable tree, optimizer state, rng),
 "config" (the run config as JSON), "data" (the batch source's position) and "base_model"
 (path + cheap content hash of the frozen base weights). A workdir that already holds
-checkpoints resumes from the latest; resuming on different base weights is refused.
+checkpoints resumes from the latest readable one; resuming on different base weights is refused.
+
+Crash safety: Orbax writes a checkpoint into a temporary folder and renames it when complete, so
+a run killed mid-save leaves no `<step>/` folder (the temporary one is removed on the next start).
+A complete checkpoint that was damaged later (truncated or deleted files) is reported on stderr
+in one line, moved to `workdir/damaged_checkpoints/`, and the previous one is used; when
+checkpoints exist but none is readable, resuming fails with a UserError (never a fresh start).
 """
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import sys
+import tempfile
+import time
 import warnings
 
 import jax
@@ -53,12 +64,59 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                cleanup_tmp_directories=True,
             ),
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def restore_latest_good(self, abstract_state, base_model: dict, config: dict):
+        """(state, data_state, step) of the newest readable checkpoint, or None without any.
+
+        Newer checkpoints that fail to read are reported (one stderr line each) and moved to
+        `workdir/damaged_checkpoints/`. Raises UserError when checkpoints exist but none is
+        readable, or when the run's config / base model differ from the checkpoint's.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        stray = sorted(int(n) for n in _listdir(self.directory) if n.isdigit() and int(n) not in steps)
+        for step in stray:  # a <step>/ folder Orbax does not list: its metadata files are gone
+            self._set_aside(step, "incomplete (Orbax metadata missing)")
+        damaged = []
+        for step in steps:
+            try:
+                with _without_late_read_noise():
+                    state, data_state = self.restore(abstract_state, base_model, config, step)
+            except UserError:
+                raise
+            except Exception as e:  # any read failure: a damaged checkpoint
+                damaged.append(step)
+                self._set_aside(step, _first_line(e))
+                continue
+            if damaged or stray:
+                self.manager.reload()
+            return state, data_state, step
+        if damaged or stray:
+            raise UserError(
+                f"{self.directory}: checkpoint(s) {sorted(damaged + stray)} exist but none is readable "
+                f"(moved to {self._damaged_dir()}); refusing to start afresh: delete the workdir or "
+                "use a new --workdir to start a new run."
+            )
+        return None
+
+    def _damaged_dir(self) -> str:
+        return os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        """Reports checkpoint `step` as damaged and moves it out of the manager's folder."""
+        target = os.path.join(self._damaged_dir(), f"{step}-{int(time.time())}")
+        print(f"warning: checkpoint {self.directory}/{step} is damaged ({reason}); moved to {target}, "
+              "using the previous one.", file=sys.stderr, flush=True)
+        if jax.process_index() == 0:
+            os.makedirs(self._damaged_dir(), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        _sync(f"set_aside_{step}")
 
     def save(self, step: int, state, config: dict, data_state: dict, base_model: dict) -> None:
         self.manager.save(
@@ -104,6 +162,55 @@ class Checkpoints:
         self.manager.close()
 
 
+def _listdir(folder: str) -> list[str]:
+    return os.listdir(folder) if os.path.isdir(folder) else []
+
+
+_LATE_READ_NOISE = ("Traceback (most recent call last):", "asyncio/base_events.py", "self._check_closed()",
+                    "raise RuntimeError('Event loop is closed')", "RuntimeError: Event loop is closed")
+
+
+@contextlib.contextmanager
+def _without_late_read_noise(grace_s: float = 0.5):
+    """Runs a restore with file descriptor 2 captured. After a failed restore, tensorstore reads
+    still in flight complete into Orbax's closed asyncio loop and print `RuntimeError: Event loop
+    is closed` tracebacks from native threads; those lines are dropped (the failure itself is
+    reported in one line by the caller), anything else written meanwhile is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if failed:
+                time.sleep(grace_s)
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            kept = [x for x in lines if x.strip() and not any(n in x for n in _LATE_READ_NOISE)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def abstract_like(tree, shardings):
     """ShapeDtypeStructs with `shardings`, the restore target of `tree`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -129,12 +236,16 @@ def read_trainable(path: str, step: int | None = None) -> dict:
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
         raise UserError(f"{path}: no checkpoint {'' if step is None else step} (found steps {list(manager.all_steps())}).")
-    meta = manager.restore(step, args=ocp.args.Composite(
-        base_model=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()
-    ))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sharding read from the checkpoint: fine on one host
-        state = ocp.PyTreeCheckpointer().restore(os.path.join(path, str(step), "state"))
+    try:
+        with _without_late_read_noise(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sharding read from the checkpoint: fine on one host
+            meta = manager.restore(step, args=ocp.args.Composite(
+                base_model=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()
+            ))
+            state = ocp.PyTreeCheckpointer().restore(os.path.join(path, str(step), "state"))
+    except Exception as e:  # any read failure: a damaged checkpoint
+        raise UserError(f"{path}/{step}: the checkpoint is damaged or incomplete ({_first_line(e)}); "
+                        "pass an earlier one with --config.step.") from None
     return {
         "step": step,
         "trainable": jax.device_get(state["trainable"]),

@@ -8,7 +8,7 @@ CHOICES = {
     "model.prediction_type": ("epsilon", "v_prediction"),
     "optim.name": ("adamw", "adafactor"),
     "optim.schedule": ("constant", "cosine"),
-    "data.source": ("synthetic", "cache"),
+    "data.source": ("synthetic", "cache", "sage_cache"),
     "data.flip": ("none", "shared", "independent"),
 }
 
@@ -48,10 +48,13 @@ def validate(config) -> None:
     _require(config, "data.resolution", config.data.resolution >= 8 and config.data.resolution % 8 == 0,
              "a positive multiple of 8")
     _require(config, "data.seq_len", config.data.seq_len >= 1, "an integer >= 1")
-    if config.data.source == "cache":
+    if config.data.source in ("cache", "sage_cache"):
         _require(config, "data.cache_dir", bool(config.data.cache_dir),
                  "a folder written by scripts/prepare_data.py")
         _require(config, "data.num_threads", config.data.num_threads >= 0, "an integer >= 0")
+    _validate_psa(config)
+    for field in ("initialization_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+        _require(config, f"distributed.{field}", config.distributed[field] >= 1, "an integer >= 1 (seconds)")
     for axis in ("data", "fsdp"):
         size = config.mesh[axis]
         _require(config, f"mesh.{axis}", size == -1 or size >= 1, "-1 (fill) or an integer >= 1")
@@ -59,3 +62,19 @@ def validate(config) -> None:
         raise UserError("--config.mesh.data and --config.mesh.fsdp are both -1 (at most one may fill).")
     if not config.model.path and config.preset != "tiny":
         raise UserError(f"--config.model.path is empty: preset {config.preset!r} needs a diffusers folder.")
+
+
+def _validate_psa(config) -> None:
+    """The PSA fields, and data sources that do (not) carry users."""
+    psa = config.psa
+    _require(config, "psa.embed_dim", psa.embed_dim >= 1, "an integer >= 1")
+    _require(config, "psa.num_tokens", psa.num_tokens >= 1, "an integer >= 1")
+    _require(config, "psa.scale", psa.scale >= 0, "a number >= 0")
+    if config.data.source == "sage_cache":
+        _require(config, "psa.enable", psa.enable, "True with --config.data.source=sage_cache")
+        _require(config, "data.embeddings", bool(config.data.embeddings), "a folder of {user_id}.npy files")
+    if psa.enable:
+        _require(config, "data.source", config.data.source != "cache",
+                 "synthetic or sage_cache with --config.psa.enable (CoProV2 pairs have no users)")
+        _require(config, "train.sample_every", config.train.sample_every == 0,
+                 "0 with --config.psa.enable (sample users with scripts/sample.py)")

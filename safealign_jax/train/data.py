@@ -3,7 +3,13 @@
 A source is an iterator of dicts of numpy arrays holding THIS process's rows of the global
 batch (leading axis = pairs), plus `get_state() -> dict` (JSON-serialisable) and
 `set_state(dict)` so a resumed run continues with the next batch. Keys: latents_w, latents_l
-(B, H, W, C), encoder_hidden_states (B, S, D), optional added_cond {text_embeds, time_ids}.
+(B, H, W, C), encoder_hidden_states (B, S, D), optional added_cond {text_embeds, time_ids}, and
+for PSA training (config psa.enable) user_embedding (B, E) float32. Optional attribute
+`empty_embedding` (S, D): the empty prompt's text states used by caption dropout (else zeros).
+
+A source object passed to `train.loop.train(config, workdir, source=...)` replaces the config's
+one; it yields this process's rows of each global batch (all rows on a single host) of
+`train.pairs_per_device x devices` pairs.
 """
 
 from typing import Protocol
@@ -25,15 +31,18 @@ class SyntheticPairs:
     """Random latent pairs and text embeddings, deterministic in (seed, batch index, row).
 
     Every process draws the same global batch and keeps `rows`, so results do not depend on how
-    many processes feed it.
+    many processes feed it. With `user_dim` > 0 each pair also gets a N(0, I) user_embedding
+    (user_dim,), drawn after the other arrays (the LoRA-only stream is unchanged).
     """
 
     def __init__(self, seed: int, global_rows: int, rows: slice, latent_size: int, channels: int,
-                 seq_len: int, context_dim: int, added_cond_dims: tuple[int, int] | None = None):
+                 seq_len: int, context_dim: int, added_cond_dims: tuple[int, int] | None = None,
+                 user_dim: int = 0):
         self.seed, self.global_rows, self.rows = seed, global_rows, rows
         self.latent_shape = (latent_size, latent_size, channels)
         self.context_shape = (seq_len, context_dim)
         self.added_cond_dims = added_cond_dims
+        self.user_dim = user_dim
         self.index = 0
 
     def __iter__(self):
@@ -54,7 +63,13 @@ class SyntheticPairs:
                 "text_embeds": rng.standard_normal((n, pooled), np.float32),
                 "time_ids": np.tile(np.float32([[1024, 1024, 0, 0, 1024, 1024]]), (n, 1))[:, :time_ids],
             }
+        if self.user_dim:
+            batch["user_embedding"] = rng.standard_normal((n, self.user_dim), np.float32)
         return {k: _rows(v, self.rows) for k, v in batch.items()}
+
+    def last_ids(self) -> list[str]:
+        """Ids of the rows of the batch returned last: "<batch index>:<global row>"."""
+        return [f"{self.index - 1}:{row}" for row in range(self.global_rows)[self.rows]]
 
     def get_state(self) -> dict:
         return {"index": self.index}

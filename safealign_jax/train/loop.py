@@ -5,6 +5,11 @@ every process builds the same mesh over all devices and feeds only its rows of e
 batch (`jax.make_array_from_process_local_data`). Metrics stay on device inside the loop and
 are fetched every `train.log_every` steps; process 0 writes workdir/metrics.jsonl (one line per
 step), TensorBoard events (if tensorboardX is installed), a tqdm bar and workdir/summary.json.
+
+Reliability (RELIABILITY.md, `train/reliability.py`): resuming uses the newest readable checkpoint
+and truncates metrics.jsonl to its step; metrics are written before each checkpoint; SIGTERM /
+SIGINT save a final checkpoint and raise `Preempted`; a step with a non-finite loss or gradient
+applies no update and stops the run (or is skipped with `train.skip_nonfinite`).
 """
 
 import json
@@ -14,9 +19,9 @@ import time
 import jax
 import numpy as np
 
-from safealign_jax import lora
+from safealign_jax import adapter, lora
 from safealign_jax.errors import UserError
-from safealign_jax.train import checkpoint, objective
+from safealign_jax.train import checkpoint, objective, reliability
 from safealign_jax.train import mesh as mesh_lib
 from safealign_jax.train import state as state_lib
 from safealign_jax.train.config import validate
@@ -34,11 +39,25 @@ def initialize_distributed(config) -> None:
             coordinator_address=d.coordinator or None,
             num_processes=d.num_processes or None,
             process_id=d.process_id if d.process_id >= 0 else None,
+            initialization_timeout=d.initialization_timeout_s,
+            heartbeat_timeout_seconds=d.heartbeat_timeout_s,
+            shutdown_timeout_seconds=d.shutdown_timeout_s,
         )
 
 
 def make_source(config, module, global_rows: int, rows: slice):
     """The batch source of `config.data.source` delivering this process's `rows`."""
+    if config.data.source == "sage_cache":
+        from safealign_jax.data.sage_cache import SageCachedPairs
+
+        source = SageCachedPairs(config.data.cache_dir, config.data.embeddings, seed=config.seed,
+                                 global_rows=global_rows, rows=rows, embed_dim=config.psa.embed_dim,
+                                 flip=config.data.flip, num_threads=config.data.num_threads)
+        if source.empty_embedding.shape[-1] != module.config.cross_attention_dim:
+            raise UserError(f"--config.data.cache_dir={config.data.cache_dir}: text states of width "
+                            f"{source.empty_embedding.shape[-1]}, but the UNet expects "
+                            f"{module.config.cross_attention_dim} (cache made with another pipeline?).")
+        return source
     if config.data.source == "cache":
         from safealign_jax.data.cache import CachedPairs
 
@@ -57,7 +76,20 @@ def make_source(config, module, global_rows: int, rows: slice):
         added = (cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim, 6)
     return SyntheticPairs(config.seed, global_rows, rows, config.data.resolution // 8,
                           config.data.latent_channels, config.data.seq_len,
-                          cfg.cross_attention_dim, added)
+                          cfg.cross_attention_dim, added,
+                          user_dim=config.psa.embed_dim if config.psa.enable else 0)
+
+
+def init_trainable(config, params) -> dict:
+    """The fresh trainable tree: {"lora"} (SafetyDPO), {"adapter"} (PSA) or both (psa.train_lora)."""
+    trainable = {}
+    if not config.psa.enable or config.psa.train_lora:
+        lora_cfg = lora.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha)
+        trainable["lora"] = lora.init(jax.random.key(config.seed + 1), params, lora_cfg)
+    if config.psa.enable:
+        trainable["adapter"] = adapter.init(jax.random.key(config.seed + 2), params,
+                                            config.psa.embed_dim, config.psa.num_tokens)
+    return trainable
 
 
 class _Logger:
@@ -102,8 +134,13 @@ class _Logger:
                 handle.close()
 
 
-def train(config, workdir: str):
-    """Trains (or resumes) the LoRA of `config` in `workdir`. Returns (final TrainState, summary)."""
+def train(config, workdir: str, source=None):
+    """Trains (or resumes) the LoRA and/or PSA adapter of `config` in `workdir`.
+
+    `source`: a batch source object (see `safealign_jax.train.data`) used instead of
+    `config.data.source`; with psa.enable its batches must carry user_embedding (B, E).
+    Returns (final TrainState, summary).
+    """
     validate(config)
     initialize_distributed(config)
     os.makedirs(workdir, exist_ok=True)
@@ -113,26 +150,30 @@ def train(config, workdir: str):
     lora_cfg = lora.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha)
     global_pairs = config.train.pairs_per_device * jax.device_count()
     optimizer = state_lib.make_optimizer(config, global_pairs)
-    trainable = {"lora": lora.init(jax.random.key(config.seed + 1), params, lora_cfg)}
+    trainable = init_trainable(config, params)
     state = state_lib.init_state(trainable, optimizer, config.seed)
     state_sh = mesh_lib.replicated_like(state, mesh)
     params_sh = mesh_lib.param_shardings(params, mesh, config)
     params = mesh_lib.put_global(params, params_sh)
     batch_sh = mesh_lib.batch_sharding(mesh)
-    source = make_source(config, module, global_pairs, mesh_lib.local_rows(batch_sh, global_pairs))
+    if source is None:
+        source = make_source(config, module, global_pairs, mesh_lib.local_rows(batch_sh, global_pairs))
 
     ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints,
                                    config.train.async_checkpoints)
-    if ckpts.latest_step() is not None:
-        state, data_state = ckpts.restore(checkpoint.abstract_like(state, state_sh), base_ref,
-                                          config.to_dict())
+    restored = ckpts.restore_latest_good(checkpoint.abstract_like(state, state_sh), base_ref,
+                                         config.to_dict())
+    if restored is not None:
+        state, data_state, last_saved = restored
         source.set_state(data_state)
     else:
-        state = mesh_lib.put_global(state, state_sh)
+        state, last_saved = mesh_lib.put_global(state, state_sh), None
     first = int(jax.device_get(state.step))
+    if jax.process_index() == 0:  # lines after the restored step are redone by this run
+        reliability.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), first)
 
     schedule = objective.training_schedule(config.model.path, config.model.prediction_type)
-    loss_fn = objective.make_loss_fn(module, lora_cfg.scale, schedule, config.dpo.beta)
+    loss_fn = objective.make_loss_fn(module, lora_cfg.scale, schedule, config.dpo.beta, config.psa.scale)
     step_fn = make_train_step(loss_fn, optimizer, config.dpo.caption_dropout)
     empty = getattr(source, "empty_embedding", None)  # the cached "" embedding, else zeros
     if empty is None:
@@ -143,9 +184,13 @@ def train(config, workdir: str):
     logger = _Logger(workdir, config, first, total)
     compiled, compile_s = None, 0.0
     pending, last_time, last_step, run_start, records = [], None, first, None, []
+    ids, skipped = {}, 0
+    signals = reliability.StopSignals()
     try:
+        signals.install()
         for step in range(first, total):
             batch = mesh_lib.global_batch(next(source), batch_sh, global_pairs)
+            ids[step + 1] = reliability.batch_ids(source)
             if compiled is None:
                 start = time.perf_counter()
                 compiled = compile_step(step_fn, state, state_sh, params, params_sh, batch, batch_sh,
@@ -157,18 +202,36 @@ def train(config, workdir: str):
                 value.copy_to_host_async()
             pending.append((step + 1, metrics))
             done = step + 1 == total
-            if (step + 1) % config.train.log_every == 0 or done:
+            stop = signals.requested()
+            save = (step + 1) % config.train.checkpoint_every == 0 or done or stop
+            if (step + 1) % config.train.log_every == 0 or save:  # metrics before the checkpoint
                 fetched = jax.device_get([m for _, m in pending])
                 now = time.perf_counter()
                 records = [{"step": s, **{k: float(v) for k, v in m.items()}}
                            for (s, _), m in zip(pending, fetched, strict=True)]
+                bad = [r for r in records if r.get("nonfinite")]
+                reports = [reliability.write_nonfinite(workdir, r, ids.get(r["step"]), last_saved)
+                           for r in bad]
+                if bad and not config.train.skip_nonfinite:
+                    logger.write([r for r in records if r["step"] <= bad[0]["step"]], 0.0)
+                    raise UserError(
+                        f"step {bad[0]['step']}: non-finite loss {bad[0]['loss']} or gradient norm "
+                        f"{bad[0]['grad_norm']}; stopped (last good checkpoint: {last_saved}), batch ids "
+                        f"in {reports[0]}; rerun with --config.train.skip_nonfinite=True to skip such steps.")
+                skipped += len(bad)
                 logger.write(records, (step + 1 - last_step) * global_pairs / (now - last_time))
                 pending, last_time, last_step = [], now, step + 1
+                ids = {}
             grids.maybe_save(step + 1, params, state.trainable, lora_cfg.scale, done)
-            if (step + 1) % config.train.checkpoint_every == 0 or done:
+            if save:
                 ckpts.save(step + 1, state, config.to_dict(), source.get_state(), base_ref)
+                last_saved = step + 1
+            if stop and not done:
+                ckpts.wait()
+                raise reliability.Preempted(stop, step + 1, ckpts.directory)
         ckpts.wait()
     finally:
+        signals.restore()
         logger.close()
         ckpts.close()
     elapsed = (time.perf_counter() - run_start) if run_start else 0.0
@@ -182,8 +245,11 @@ def train(config, workdir: str):
         "steps_per_s": steps_run / elapsed if elapsed else 0.0,
         "pairs_per_s": steps_run * global_pairs / elapsed if elapsed else 0.0,
         "final": records[-1] if records else {},
+        "skipped_nonfinite_steps": skipped,
     }
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
+        path = os.path.join(workdir, "summary.json")
+        with open(f"{path}.tmp", "w") as f:
             json.dump(summary, f, indent=2)
+        os.replace(f"{path}.tmp", path)
     return state, summary

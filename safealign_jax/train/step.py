@@ -34,13 +34,19 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ca
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, metrics), grads = grad_fn(state.trainable, params, batch, loss_key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        grad_norm = optax.global_norm(grads)
+        # A non-finite loss or gradient never reaches the weights or the optimizer state: the
+        # step keeps the old ones (bitwise) and reports nonfinite = 1; the loop stops or skips.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = TrainState(
             step=state.step + 1,
-            trainable=optax.apply_updates(state.trainable, updates),
-            opt_state=opt_state,
+            trainable=keep(optax.apply_updates(state.trainable, updates), state.trainable),
+            opt_state=keep(opt_state, state.opt_state),
             rng=jax.random.key_data(key),
         )
-        return new_state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm,
+                           "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
     return step
 

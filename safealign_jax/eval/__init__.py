@@ -1,0 +1,1 @@
+"""Evaluation metrics: Q16 + NudeNet inappropriate probability, FID, CLIPScore."""

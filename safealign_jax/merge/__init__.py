@@ -1,0 +1,31 @@
+"""Merging SafetyDPO safety experts (one LoRA per category) into one model (SPEC.md section 2).
+
+Every method maps the experts (LoRA trees {P: {"a": (in, r), "b": (r, out)}} with scales
+alpha / r, or delta trees) to one delta tree {P: {"delta": (in, out)}} with the same paths,
+foldable into the UNet (`lora.fold_delta`) or read by `Dense` from the "lora" collection:
+
+    linear(trees, scales, weights=None)             sum_i w_i dW_i (default: the average)
+    task_arithmetic(trees, scales, lam=1.0)         lam * sum_i dW_i
+    ties(trees, scales, density=0.2, lam=1.0)       trim / elect sign / disjoint mean
+    dare(trees, scales, key=key, drop=0.5, weights=None)   drop + rescale, then linear
+    comerge(trees, scales, statistics, granularity="weight") -> (delta tree, wins per layer)
+        with statistics = calibrate(unet_apply(module), params, trees, scales, batches, "mean_abs")
+        and batches = cache_batches(cache_dir, schedule, num_examples=, batch_size=, seed=)
+    to_lora(delta_tree, rank) -> (LoRA tree with scale 1, relative error per layer)
+
+`load_experts(expert_paths(spec))` reads expert checkpoints and checks that they share their base
+model and their layers / shapes. scripts/merge.py drives all of this from configs/merge.py.
+"""
+
+from safealign_jax.merge.calibration import STATISTICS, cache_batches, calibrate, unet_apply
+from safealign_jax.merge.comerge import GRANULARITIES, comerge
+from safealign_jax.merge.experts import expert_name, expert_paths, load_experts
+from safealign_jax.merge.methods import dare, linear, task_arithmetic, ties, trim
+from safealign_jax.merge.refactor import to_lora
+from safealign_jax.merge.trees import check_compatible, check_same_base, delta_tree, expert_deltas
+
+__all__ = [
+    "GRANULARITIES", "STATISTICS", "cache_batches", "calibrate", "check_compatible", "check_same_base",
+    "comerge", "dare", "delta_tree", "expert_deltas", "expert_name", "expert_paths", "linear",
+    "load_experts", "task_arithmetic", "ties", "to_lora", "trim", "unet_apply",
+]

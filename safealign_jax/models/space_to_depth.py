@@ -1,0 +1,76 @@
+"""An exact, parameter-free stand-in for the VAE: space-to-depth (pixel unshuffle).
+
+Used by pixel-space toy pipelines (the synthetic world): a `vae/config.json` with
+`"_class_name": "SpaceToDepthAutoencoder"` makes `load_vae` return this module. Images
+(B, H, W, C) in [-1, 1] map to latents (B, H/f, W/f, f*f*C) and back without loss, with the same
+`encode` / `decode` / config interface as `AutoencoderKL`, so the pipeline, the latent cache and
+the trainer need no special case.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from safealign_jax.errors import UserError
+
+CLASS_NAME = "SpaceToDepthAutoencoder"
+LOGVAR = -60.0  # an exact encoder: exp(LOGVAR / 2) ~ 1e-13 posterior std
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceToDepthConfig:
+    block_size: int = 2
+    in_channels: int = 3
+    scaling_factor: float = 1.0
+    shift_factor: float | None = None
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.block_size
+
+    @property
+    def latent_channels(self) -> int:
+        return self.block_size**2 * self.in_channels
+
+    def latents_for_unet(self, z: jax.Array) -> jax.Array:
+        return (z - (self.shift_factor or 0.0)) * self.scaling_factor
+
+    def latents_for_decoder(self, latents: jax.Array) -> jax.Array:
+        return latents / self.scaling_factor + (self.shift_factor or 0.0)
+
+    @classmethod
+    def from_diffusers(cls, config: dict, source: str = "config.json") -> "SpaceToDepthConfig":
+        values = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
+        parsed = cls(**values)
+        if not (isinstance(parsed.block_size, int) and parsed.block_size >= 1):
+            raise UserError(f"{source}: block_size={parsed.block_size!r} must be a positive integer.")
+        return parsed
+
+    def to_diffusers(self) -> dict:
+        return {"_class_name": CLASS_NAME, **dataclasses.asdict(self)}
+
+
+class SpaceToDepthAutoencoder(nn.Module):
+    """encode: (B, H, W, C) -> (mean (B, H/f, W/f, f*f*C), logvar = LOGVAR); decode: the inverse."""
+
+    config: SpaceToDepthConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        b, h, w, c = images.shape
+        f = self.config.block_size
+        z = images.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // f, w // f, f * f * c)
+        z = z.astype(jnp.float32)
+        return z, jnp.full_like(z, LOGVAR)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        b, h, w, _ = z.shape
+        f, c = self.config.block_size, self.config.in_channels
+        x = z.reshape(b, h, w, f, f, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * f, w * f, c)
+        return x.astype(jnp.float32)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.decode(self.encode(images)[0])

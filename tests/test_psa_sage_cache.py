@@ -1,0 +1,99 @@
+"""The Sage latent cache for PSA training (scripts/prepare_data.py --config.kind=sage) on the Sage
+fixture and the tiny SD pipeline: records hold the chosen/rejected moments, caption states and user
+id; the trainer's source adds the user embeddings read at load time (missing ones: UserError),
+resumes exactly, and trains the adapter."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import test_data_fixtures as F
+from pipelines import build_sd
+from train_helper import tiny_config
+
+from safealign_jax import UserError
+from safealign_jax.data import cache, sage_cache
+from safealign_jax.data.images import decode_image
+from safealign_jax.train.loop import train
+from safealign_jax.trained import load_trained
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = 16
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(Sage fixture root, pipeline folder, cache folder) with the val split (4 records) cached."""
+    tmp = tmp_path_factory.mktemp("sage_cache")
+    F.write_sage(tmp / "sage")
+    pipeline = build_sd(tmp)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/prepare_data.py"), "--config", str(ROOT / "configs/prepare_data.py"),
+         "--workdir", str(tmp / "out"), "--config.kind=sage", f"--config.pipeline={pipeline}",
+         f"--config.sage_split={tmp / 'sage' / 'val'}", f"--config.users_csv={tmp / 'sage' / 'users' / 'users.csv'}",
+         f"--config.resolution={RESOLUTION}", "--config.batch_size=4", "--config.shard_size=2",
+         "--config.progress_bar=False"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["num_examples"] == 4
+    return tmp / "sage", pipeline, tmp / "out"
+
+
+def source(out, embeddings, **kw):
+    return sage_cache.SageCachedPairs(out, embeddings, seed=0, global_rows=2, rows=slice(0, 2),
+                                      embed_dim=F.EMBED_DIM, num_threads=0, **kw)
+
+
+def test_records_and_batches(built):
+    root, pipeline, out = built
+    metadata, _ = sage_cache.open_sage_cache(out)
+    assert metadata["user_ids"] == ["0000001"] * 2 + ["0000002"] * 2 and len(metadata["shards"]) == 2
+    examples = sage_cache.SageCachedExamples(out)
+    first = examples[0]
+    assert first["id"].startswith("user_0000001_sexuality_nude_beach_00012.jpg_u")
+    # user 0000001 bans sexuality: for the harmful prompt the safe image is chosen
+    pipe = cache.load_encoders(pipeline)
+    chosen = decode_image((root / "val" / first["id"].replace(".jpg_u.jpg", "_s.jpg")).read_bytes(), RESOLUTION)
+    direct = cache.encode_images(pipe, np.stack([chosen] * 8))[0]
+    np.testing.assert_allclose(first["preferred"], direct, atol=1e-5)
+    it = source(out, root / "embeddings")
+    batch = next(it)
+    assert batch["latents_w"].shape == (2, 8, 8, 4) and batch["encoder_hidden_states"].shape[0] == 2
+    # the fixture's embeddings are filled with the user number
+    ids = sorted(int(v[0]) for v in batch["user_embedding"])
+    assert batch["user_embedding"].shape == (2, F.EMBED_DIM) and set(ids) <= {1, 2}
+    assert len(it.last_ids()) == 2 and all(i.startswith("user_000000") for i in it.last_ids())
+    state = it.get_state()
+    following = next(it)
+    again = source(out, root / "embeddings")
+    again.set_state(state)
+    resumed = next(again)
+    for key in ("latents_w", "latents_l", "encoder_hidden_states", "user_embedding"):
+        np.testing.assert_array_equal(resumed[key], following[key])
+
+
+def test_user_without_embedding_is_refused(built, tmp_path):
+    root, _, out = built
+    (tmp_path / "emb").mkdir()
+    np.save(tmp_path / "emb" / "0000001.npy", np.zeros(F.EMBED_DIM, np.float32))
+    with pytest.raises(UserError, match=r"1 user\(s\) of the Sage cache have no usable embedding"):
+        source(out, tmp_path / "emb")
+    with pytest.raises(UserError, match="not a Sage latent cache"):
+        source(tmp_path, root / "embeddings")
+
+
+def test_trains_the_adapter_from_the_cache(built, tmp_path):
+    root, pipeline, out = built
+    config = tiny_config({
+        "model.path": pipeline, "psa.enable": True, "psa.embed_dim": F.EMBED_DIM,
+        "data.source": "sage_cache", "data.cache_dir": str(out), "data.embeddings": str(root / "embeddings"),
+        "data.num_threads": 0, "train.steps": 2, "train.checkpoint_every": 2, "train.log_every": 2,
+    })
+    _, summary = train(config, str(tmp_path / "run"))
+    assert summary["steps"] == 2 and np.isfinite(summary["final"]["loss"])
+    run = load_trained(str(tmp_path / "run"))
+    assert run.adapter["proj"]["kernel"].shape == (F.EMBED_DIM, 32) and run.lora is None
