@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -50,8 +51,14 @@ def pack(record: dict[str, np.ndarray]) -> bytes:
     return out.getvalue()
 
 
+# np.load parses each array header with ast.literal_eval, and CPython 3.11's parser is not safe
+# to run in several threads at once ("SystemError: AST constructor recursion depth mismatch",
+# seen with the loader's prefetch threads): headers are parsed one thread at a time.
+_HEADER_LOCK = threading.Lock()
+
+
 def unpack(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+    with _HEADER_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as archive:
         return {k: archive[k] for k in archive.files}
 
 
