@@ -91,3 +91,23 @@ def test_schedule_and_lr_scaling():
     schedule = state.lr_schedule(config, peak)
     assert float(schedule(0)) == 0 and float(schedule(2)) == pytest.approx(peak / 2)
     assert float(schedule(4)) == pytest.approx(peak) and float(schedule(100)) == pytest.approx(peak)
+
+
+def test_lora_targets_choose_the_adapted_layers(tiny_unet):
+    from safealign_jax.train.loop import init_trainable
+
+    _, params = tiny_unet
+    default = init_trainable(tiny_config({}), params)["lora"]
+    cross_kv = init_trainable(tiny_config({"lora.targets": r"attn2/(to_k|to_v)$"}), params)["lora"]
+    paths = {"/".join(p) for p in _dense_paths(cross_kv)}
+    assert paths and all("/attn2/" in p and p.rsplit("/", 1)[1] in ("to_k", "to_v") for p in paths)
+    assert len(_dense_paths(default)) == 2 * len(paths) * 2  # to_q/k/v/out of attn1 and attn2
+    with pytest.raises(UserError, match="matches none"):
+        init_trainable(tiny_config({"lora.targets": "no_such_layer$"}), params)
+
+
+def _dense_paths(tree, prefix=()) -> list[tuple[str, ...]]:
+    """Paths of the LoRA tree's layers (the dicts holding "a" and "b")."""
+    if "a" in tree and "b" in tree:
+        return [prefix]
+    return [p for k, v in tree.items() for p in _dense_paths(v, (*prefix, k))]

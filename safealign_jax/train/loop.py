@@ -80,12 +80,16 @@ def make_source(config, module, global_rows: int, rows: slice):
                           user_dim=config.psa.embed_dim if config.psa.enable else 0)
 
 
+def lora_config(config) -> lora.LoRAConfig:
+    """The LoRA settings of a training config (rank, alpha, target-path regex)."""
+    return lora.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets)
+
+
 def init_trainable(config, params) -> dict:
     """The fresh trainable tree: {"lora"} (SafetyDPO), {"adapter"} (PSA) or both (psa.train_lora)."""
     trainable = {}
     if not config.psa.enable or config.psa.train_lora:
-        lora_cfg = lora.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha)
-        trainable["lora"] = lora.init(jax.random.key(config.seed + 1), params, lora_cfg)
+        trainable["lora"] = lora.init(jax.random.key(config.seed + 1), params, lora_config(config))
     if config.psa.enable:
         trainable["adapter"] = adapter.init(jax.random.key(config.seed + 2), params,
                                             config.psa.embed_dim, config.psa.num_tokens)
@@ -147,7 +151,7 @@ def train(config, workdir: str, source=None):
     mesh = mesh_lib.make_mesh(config)
     replicated = mesh_lib.replicated(mesh)
     module, params, base_ref = load_base(config)
-    lora_cfg = lora.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha)
+    lora_cfg = lora_config(config)
     global_pairs = config.train.pairs_per_device * jax.device_count()
     optimizer = state_lib.make_optimizer(config, global_pairs)
     trainable = init_trainable(config, params)
