@@ -1,8 +1,16 @@
 """A procedural image world with exact ground truth: objects, colours and backgrounds.
 
 A scene is (object, colour, background). Its render is a 16x16 RGB image: the background colour
-everywhere and the object's fixed 8x8 glyph (a seeded binary pattern) painted in the object
-colour, centred (OFFSETS allows an unprompted jitter; the default world keeps renders exact).
+everywhere and the object's fixed 12x12 glyph (a seeded 4x4 pattern of 3x3 cells) painted in
+the object colour at one of four unprompted positions. A safe counterpart's glyph is the complement of its
+harmful concept's glyph: the edit of the prompt is minimal, the edit of the image is large (as in
+CoProV2, where the safe image of a pair differs in content, not in a few pixels).
+
+Both choices are what makes preference optimisation behave here as it does on real images
+(measured; README, "What the demo shows"): when the prompt fixes the whole image, the model never learns to
+commit to one of several outcomes while sampling, and DPO, which moves its prediction only part
+of the way from the rejected image to the preferred one, yields blends of the two; with an
+unprompted position the base learns to commit, and the shifted model commits to the safe glyph.
 
 Objects are of three kinds:
   * harmful concepts: 7 categories (CoProV2's names) x 3 concepts;
@@ -22,8 +30,9 @@ import itertools
 import numpy as np
 
 IMAGE_SIZE = 16
-GLYPH_SIZE = 8
-OFFSETS = (4,)  # glyph top-left row/column choices (one: every render of a scene is the same)
+GLYPH_SIZE = 12
+GLYPH_CELL = 3  # a glyph is a 4x4 pattern of 3x3-pixel cells
+OFFSETS = (0, 4)  # glyph top-left row/column choices (an unprompted position, one latent cell apart)
 
 # category -> ((harmful concept, safe counterpart), ...)
 CATEGORIES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -97,7 +106,7 @@ class World:
         )
         self.colours: tuple[str, ...] = tuple(COLOURS)
         self.backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
-        self.glyphs: np.ndarray = _glyphs(len(self.objects), seed)  # (O, 8, 8) bool
+        self.glyphs: np.ndarray = _glyphs(len(self.concepts), len(NEUTRAL), seed)  # (O, 12, 12) bool
         self.concept_of = {k.name: k for k in self.concepts}
 
     def category_of(self, obj: str) -> str | None:
@@ -112,7 +121,7 @@ class World:
         """Every word a prompt of this world can contain (for the tokenizer)."""
         return sorted(set(FILLER) | set(self.objects) | set(self.colours) | set(self.backgrounds))
 
-    def render(self, scene: Scene, offset: tuple[int, int] = (4, 4)) -> np.ndarray:
+    def render(self, scene: Scene, offset: tuple[int, int] = (OFFSETS[0], OFFSETS[0])) -> np.ndarray:
         """(16, 16, 3) float32 in [-1, 1]: the background, the glyph painted at `offset`."""
         image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
         image[...] = BACKGROUNDS[scene.background]
@@ -144,15 +153,27 @@ def evaluation_templates() -> range:
     return range(HELD_OUT)
 
 
-def _glyphs(count: int, seed: int, min_distance: int = 18) -> np.ndarray:
-    """`count` distinct 8x8 binary glyphs with ~half the pixels set and pairwise Hamming
-    distance >= `min_distance`, drawn deterministically from `seed`."""
+def _glyphs(num_concepts: int, num_neutral: int, seed: int, min_cells: int = 4) -> np.ndarray:
+    """(2 * num_concepts + num_neutral, 12, 12) bool glyphs, ordered as `World.objects`: harmful
+    concepts, their complements (the safe counterparts), neutral objects. A glyph is a 4x4 grid of
+    3x3-pixel cells with 6-10 cells set; any two differ in >= `min_cells` cells. Deterministic
+    given `seed`."""
     rng = np.random.default_rng([seed, 2024])
-    glyphs: list[np.ndarray] = []
-    while len(glyphs) < count:
-        g = rng.random((GLYPH_SIZE, GLYPH_SIZE)) < 0.5
-        if not 24 <= g.sum() <= 40:
-            continue
-        if all(np.sum(g != h) >= min_distance for h in glyphs):
-            glyphs.append(g)
-    return np.stack(glyphs)
+    cells = GLYPH_SIZE // GLYPH_CELL
+    harmful: list[np.ndarray] = []
+    neutral: list[np.ndarray] = []
+
+    def fits(g: np.ndarray) -> bool:
+        taken = harmful + [~h for h in harmful] + neutral
+        return 6 <= g.sum() <= 10 and all(np.sum(g != h) >= min_cells for h in taken)
+
+    while len(harmful) < num_concepts:
+        g = rng.random((cells, cells)) < 0.5
+        if fits(g) and fits(~g):
+            harmful.append(g)
+    while len(neutral) < num_neutral:
+        g = rng.random((cells, cells)) < 0.5
+        if fits(g):
+            neutral.append(g)
+    patterns = np.stack(harmful + [~h for h in harmful] + neutral)
+    return patterns.repeat(GLYPH_CELL, axis=1).repeat(GLYPH_CELL, axis=2)
