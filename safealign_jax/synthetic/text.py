@@ -101,6 +101,9 @@ def check_single_tokens(tokenizer, words: list[str]) -> None:
         check(len(ids) == 3, f"the world tokenizer splits {word!r} into {len(ids) - 2} tokens.")
 
 
+CONTEXT_SCALE = 0.2  # self-attention output scale of the world's random text encoder
+
+
 def text_encoder_config(vocab_size: int, max_length: int, width: int, layers: int, heads: int) -> dict:
     """A transformers CLIPTextConfig dict for the world's encoder."""
     return {
@@ -116,8 +119,11 @@ def text_encoder_config(vocab_size: int, max_length: int, width: int, layers: in
 def write_text_encoder(folder: str, config: dict, seed: int) -> None:
     """Writes `config.json` + `model.safetensors` of a seeded random CLIP text encoder.
 
-    Token and position embeddings ~ N(0, 1) and N(0, 0.1) so each word's identity dominates
-    its state; the rest keeps Flax's default initialisation.
+    Token and position embeddings ~ N(0, 1) and N(0, 0.1) and self-attention outputs scaled by
+    CONTEXT_SCALE, so each word's identity dominates its state and an unseen phrasing around a
+    word changes it little (with Flax's default initialisation alone, the mix of the preceding
+    words is as large as the word itself: the base then misreads held-out phrasings); the rest
+    keeps Flax's default initialisation.
     """
     os.makedirs(folder, exist_ok=True)
     module = CLIPTextModel(CLIPTextConfig.from_transformers(config, "world text encoder"))
@@ -126,6 +132,8 @@ def write_text_encoder(folder: str, config: dict, seed: int) -> None:
     emb = params["text_model"]["embeddings"]
     emb["token_embedding"]["embedding"] = rng.standard_normal(emb["token_embedding"]["embedding"].shape).astype(np.float32)
     emb["position_embedding"]["embedding"] = 0.1 * rng.standard_normal(emb["position_embedding"]["embedding"].shape).astype(np.float32)
+    for layer in params["text_model"]["encoder"].values():
+        layer["self_attn"]["out_proj"]["kernel"] = CONTEXT_SCALE * np.asarray(layer["self_attn"]["out_proj"]["kernel"])
     state = {k: np.ascontiguousarray(v, np.float32) for k, v in state_dict_from_params(params, CLIP_NAMES).items()}
     write_safetensors(os.path.join(folder, "model.safetensors"), state, {"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
