@@ -51,8 +51,10 @@ def unet_config(block_out_channels=(32, 64), cross_attention_dim: int = 64, bloc
     }
 
 
-def build_pipeline(world: World, folder: str, unet: dict, seed: int, text_width: int = 64) -> str:
-    """Writes every component of the world's pipeline; the UNet with seeded random weights."""
+def build_pipeline(world: World, folder: str, unet: dict, seed: int, text_width: int = 64,
+                   prediction_type: str = "sample") -> str:
+    """Writes every component of the world's pipeline; the UNet with seeded random weights and
+    the scheduler with `prediction_type` ("sample" = x0, "v_prediction" or "epsilon")."""
     os.makedirs(folder, exist_ok=True)
     vocab = text.write_tokenizer(os.path.join(folder, "tokenizer"), world.vocabulary(), MAX_TOKENS)
     text.write_text_encoder(os.path.join(folder, "text_encoder"),
@@ -60,7 +62,8 @@ def build_pipeline(world: World, folder: str, unet: dict, seed: int, text_width:
     text.check_single_tokens(load_tokenizer(folder), world.vocabulary())
     block = IMAGE_SIZE // unet["sample_size"]
     _write_json(os.path.join(folder, "vae", "config.json"), SpaceToDepthConfig(block_size=block).to_diffusers())
-    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER)
+    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
+                {**SCHEDULER, "prediction_type": prediction_type})
     _write_json(os.path.join(folder, "model_index.json"), {
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["safealign_jax", "SpaceToDepthAutoencoder"], "text_encoder": ["transformers", "CLIPTextModel"],
@@ -102,7 +105,8 @@ def pretrain(world: World, folder: str, *, steps: int, batch: int, learning_rate
     empty, states = states[-1], states[:-1]
     module, params = load_unet(folder)
     vae_block = IMAGE_SIZE // module.config.sample_size
-    schedule = ddpm_schedule(scheduler_config_from_dict(SCHEDULER, "world scheduler"))
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        schedule = ddpm_schedule(scheduler_config_from_dict(json.load(f), "world scheduler"))
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
         optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(200, steps // 10 + 1), steps, learning_rate * 0.05),
         weight_decay=1e-4))

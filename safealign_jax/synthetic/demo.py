@@ -30,7 +30,16 @@ from safealign_jax.synthetic.data import UserPairs, render, render_pairs, write_
 from safealign_jax.synthetic.metrics import PromptCase
 from safealign_jax.synthetic.oracle import Oracle, validate
 from safealign_jax.synthetic.users import make_users
-from safealign_jax.synthetic.world import IMAGE_SIZE, Scene, World, evaluation_templates, prompt
+from safealign_jax.synthetic.world import (
+    GLYPH_CELL,
+    GLYPH_SIZE,
+    IMAGE_SIZE,
+    OFFSETS,
+    Scene,
+    World,
+    evaluation_templates,
+    prompt,
+)
 from safealign_jax.trained import load_trained, save_trained
 
 
@@ -48,7 +57,8 @@ class Stopwatch:
 
 def base_folder(config, workdir: str, world: World) -> tuple[str, dict]:
     """The pretrained base pipeline folder (built once per base settings) and its summary."""
-    settings = {"world": config.world.to_dict(), "base": config.base.to_dict(), "seed": config.seed}
+    settings = {"world": config.world.to_dict(), "base": config.base.to_dict(), "seed": config.seed,
+                "renders": {"glyph": [GLYPH_SIZE, GLYPH_CELL], "offsets": list(OFFSETS)}}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     root = config.base_cache or os.path.join(workdir, "base_cache")
     folder = os.path.join(root, f"world_base_{key}")
@@ -60,7 +70,7 @@ def base_folder(config, workdir: str, world: World) -> tuple[str, dict]:
     shutil.rmtree(tmp, ignore_errors=True)
     b = config.base
     base_model.build_pipeline(world, tmp, base_model.unet_config(tuple(b.block_out_channels), b.text_width, b.block_size),
-                              config.seed, text_width=b.text_width)
+                              config.seed, text_width=b.text_width, prediction_type=b.prediction_type)
     summary = base_model.pretrain(world, tmp, steps=b.steps, batch=b.batch, learning_rate=b.learning_rate,
                                   seed=config.seed, progress=config.progress)
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
