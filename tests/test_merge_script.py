@@ -1,9 +1,9 @@
 """scripts/merge.py (+ scripts/export.py) on expert checkpoints of the tiny SD pipeline's UNet,
 calibrated on the CoProV2 fixture's latent cache: a Co-Merge re-factored by SVD exports as a peft
 LoRA; a linear merge kept at full rank loads with `load_trained` and equals the average of the
-experts' deltas and exports as a folded UNet; one-line user errors (incl. an expert trained on another base model). The
-slow test runs the whole path scripts/train_experts.py (Hate, Shocking; resumable) -> merge ->
-export."""
+experts' deltas and exports as a folded UNet; one-line user errors (incl. an expert trained on another base model); and the whole path
+scripts/train_experts.py (Hate, Shocking; resumable) -> merge -> export and sample (issue #6's CI
+check)."""
 
 import json
 import os
@@ -146,9 +146,9 @@ def test_user_errors_are_one_line(experts, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
 def test_train_experts_then_comerge_and_export(world, tmp_path):
-    """~80 s on 2 cores: two tiny DPO trainings from the cache, a resumed no-op rerun, a merge."""
+    """~80 s on 2 cores: two tiny DPO trainings from the cache, a resumed no-op rerun, a merge,
+    its export and a sample from it."""
     _, pipeline, cache_dir = world
     workdir = tmp_path / "runs"
     args = ("--config.data.source=cache", f"--config.data.cache_dir={cache_dir}",
@@ -168,5 +168,10 @@ def test_train_experts_then_comerge_and_export(world, tmp_path):
     assert "experts/hate: finished, skipped" in again.stdout and "experts/shocking: finished, skipped" in again.stdout
     _, params = load_unet(f"{pipeline}/unet")
     check_comerge_svd_and_peft_export(workdir / "experts", ("hate", "shocking"), params, cache_dir, tmp_path)
+    (tmp_path / "prompts.txt").write_text("a knife on a table\n")
+    sampled = script("sample", "configs/sample.py", tmp_path / "samples", f"--config.checkpoint={tmp_path / 'merged'}",
+                     f"--config.prompts={tmp_path / 'prompts.txt'}", "--config.steps=2")
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert (tmp_path / "samples" / "00000.png").is_file()
     synthetic = script("train_experts", "configs/train.py:tiny", tmp_path / "exp")
     assert synthetic.returncode == 2 and "data.source=synthetic" in synthetic.stderr
