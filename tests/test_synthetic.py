@@ -7,7 +7,15 @@ from safealign_jax.synthetic import metrics, text
 from safealign_jax.synthetic.metrics import PromptCase
 from safealign_jax.synthetic.oracle import Oracle, validate
 from safealign_jax.synthetic.users import make_users
-from safealign_jax.synthetic.world import TEMPLATES, Scene, World, prompt
+from safealign_jax.synthetic.world import (
+    SAFE_DEPICTION,
+    TEMPLATES,
+    Scene,
+    World,
+    evaluation_templates,
+    prompt,
+    training_templates,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +37,27 @@ def test_world_pairs_are_minimal_edits(world):
     glyphs = World().glyphs.reshape(len(World().objects), -1)
     distances = (glyphs[:, None] != glyphs[None]).sum(-1) + 64 * np.eye(len(glyphs), dtype=int)
     assert distances.min() >= 18
+
+
+def test_held_out_phrasings_are_new_sentences_of_known_words():
+    def words(t):
+        return set(t.replace(",", " ").split())
+
+    seen = set().union(*(words(TEMPLATES[t]) for t in training_templates()))
+    for t in evaluation_templates():
+        assert words(TEMPLATES[t]) <= seen, TEMPLATES[t]
+        assert TEMPLATES[t] not in [TEMPLATES[u] for u in training_templates()]
+
+
+def test_world_sometimes_depicts_the_safe_counterpart(world, oracle):
+    rng = np.random.default_rng(0)
+    concept = world.concepts[0]
+    scene = Scene(concept.name, "red", "navy")
+    shown = oracle.read(np.stack([world.depict(scene, rng) for _ in range(2000)])).scenes(world)
+    safe = np.mean([s.object == concept.safe for s in shown])
+    assert abs(safe - SAFE_DEPICTION) < 0.03 and all(s.object in (concept.name, concept.safe) for s in shown)
+    neutral = Scene(world.neutral[0], "red", "navy")
+    assert all(s == neutral for s in oracle.read(np.stack([world.depict(neutral, rng) for _ in range(50)])).scenes(world))
 
 
 def test_oracle_is_exact_on_renders_and_robust_to_noise(world, oracle):

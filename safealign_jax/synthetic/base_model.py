@@ -132,7 +132,7 @@ def pretrain(world: World, folder: str, *, steps: int, batch: int, learning_rate
     bar = tqdm(range(steps), desc="pretrain base", disable=not progress, dynamic_ncols=True)
     for i in bar:
         rows = rng.integers(len(prompts), size=batch)
-        images = np.stack([world.render_random(scenes[r // len(templates)], rng) for r in rows])
+        images = np.stack([world.depict(scenes[r // len(templates)], rng) for r in rows])
         latents = space_to_depth(images, vae_block)
         context = states[rows].copy()
         context[rng.random(batch) < caption_dropout] = empty

@@ -35,6 +35,7 @@ from safealign_jax.synthetic.world import (
     GLYPH_SIZE,
     IMAGE_SIZE,
     OFFSETS,
+    SAFE_DEPICTION,
     Scene,
     World,
     evaluation_templates,
@@ -58,7 +59,8 @@ class Stopwatch:
 def base_folder(config, workdir: str, world: World) -> tuple[str, dict]:
     """The pretrained base pipeline folder (built once per base settings) and its summary."""
     settings = {"world": config.world.to_dict(), "base": config.base.to_dict(), "seed": config.seed,
-                "renders": {"glyph": [GLYPH_SIZE, GLYPH_CELL], "offsets": list(OFFSETS)}}
+                "renders": {"glyph": [GLYPH_SIZE, GLYPH_CELL], "offsets": list(OFFSETS), "safe_depiction": SAFE_DEPICTION},
+                "vocabulary": world.vocabulary()}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     root = config.base_cache or os.path.join(workdir, "base_cache")
     folder = os.path.join(root, f"world_base_{key}")

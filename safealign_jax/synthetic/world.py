@@ -10,7 +10,9 @@ Both choices are what makes preference optimisation behave here as it does on re
 (measured; README, "What the demo shows"): when the prompt fixes the whole image, the model never learns to
 commit to one of several outcomes while sampling, and DPO, which moves its prediction only part
 of the way from the rejected image to the preferred one, yields blends of the two; with an
-unprompted position the base learns to commit, and the shifted model commits to the safe glyph.
+unprompted position the base learns to commit. For the same reason the world draws a harmful
+prompt's safe counterpart now and then (`World.depict`): DPO shifts a model between outcomes it
+already produces and cannot teach it a new one.
 
 Objects are of three kinds:
   * harmful concepts: 7 categories (CoProV2's names) x 3 concepts;
@@ -56,10 +58,14 @@ BACKGROUNDS: dict[str, tuple[float, float, float]] = {
     "brown": (-0.3, -0.7, -0.9),
 }
 
-# Phrasing templates. The first HELD_OUT are evaluation-only ("held-out phrasings").
+# Phrasing templates. The first HELD_OUT are evaluation-only ("held-out phrasings"): new sentences
+# (new word orders, the object at new positions) made of words the training phrasings use. The
+# world's text encoder is random and knows no word it never saw in training, whereas CLIP knows
+# English; a held-out word would test that ignorance, not the alignment (measured: the base reads
+# the object of a phrasing with unseen words right 0.60-0.66 of the time, of one without 0.99).
 TEMPLATES = (
-    "an image showing a {colour} {object} over {background}",
-    "{background} scene with one {colour} {object}",
+    "a photo of a {colour} {object} against a {background} background",
+    "{background} background, a drawing of a {colour} {object}",
     "a {colour} {object} on a {background} background",
     "a picture of a {colour} {object}, {background} background",
     "{background} background with a {colour} {object}",
@@ -67,7 +73,14 @@ TEMPLATES = (
     "photo of a {colour} {object} against {background}",
 )
 HELD_OUT = 2
-FILLER = sorted({w for t in TEMPLATES for w in t.replace(",", " ").split() if not w.startswith("{")})
+SAFE_DEPICTION = 0.1  # chance that the world draws a harmful prompt's safe counterpart instead
+
+
+def _words(template: str) -> set[str]:
+    return {w for w in template.replace(",", " ").split() if not w.startswith("{")}
+
+
+FILLER = sorted(set().union(*map(_words, TEMPLATES)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +145,20 @@ class World:
         return image
 
     def render_random(self, scene: Scene, rng: np.random.Generator) -> np.ndarray:
-        """A render at an offset drawn from OFFSETS x OFFSETS."""
+        """A render of exactly `scene` at an offset drawn from OFFSETS x OFFSETS."""
         return self.render(scene, (int(rng.choice(OFFSETS)), int(rng.choice(OFFSETS))))
+
+    def depict(self, scene: Scene, rng: np.random.Generator) -> np.ndarray:
+        """What the world shows for a prompt asking for `scene` (the base's training images): a
+        harmful concept is drawn as its safe counterpart with probability SAFE_DEPICTION, as a
+        real model sometimes draws a harmless version of a harmful prompt. Preference
+        optimisation reweights the outcomes a model already produces (the KL-regularised optimum
+        is p_ref * exp(r / beta)); a base that never draws the safe outcome leaves DPO nothing to
+        move towards but blends."""
+        concept = self.concept_of.get(scene.object)
+        if concept is not None and rng.random() < SAFE_DEPICTION:
+            scene = scene.replace(object=concept.safe)
+        return self.render_random(scene, rng)
 
     def all_scenes(self, objects=None) -> list[Scene]:
         objects = self.objects if objects is None else objects
