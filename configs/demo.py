@@ -2,7 +2,7 @@
 pairs, train per-category experts, merge (average / task arithmetic / TIES / DARE / Co-Merge),
 train the all-single baseline and the PSA adapter, evaluate with the oracle, export.
 
-    python scripts/demo.py --config configs/demo.py --workdir runs/demo          # full (~15 min)
+    python scripts/demo.py --config configs/demo.py --workdir runs/demo          # full (~11 min)
     python scripts/demo.py --config configs/demo.py:quick --workdir runs/quick   # CI (~5 min)
 """
 
