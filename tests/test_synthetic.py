@@ -14,6 +14,7 @@ from safealign_jax.synthetic.world import (
     World,
     evaluation_templates,
     prompt,
+    template_words,
     training_templates,
 )
 
@@ -40,12 +41,9 @@ def test_world_pairs_are_minimal_edits(world):
 
 
 def test_held_out_phrasings_are_new_sentences_of_known_words():
-    def words(t):
-        return set(t.replace(",", " ").split())
-
-    seen = set().union(*(words(TEMPLATES[t]) for t in training_templates()))
+    seen = set().union(*(template_words(TEMPLATES[t]) for t in training_templates()))
     for t in evaluation_templates():
-        assert words(TEMPLATES[t]) <= seen, TEMPLATES[t]
+        assert template_words(TEMPLATES[t]) <= seen, TEMPLATES[t]
         assert TEMPLATES[t] not in [TEMPLATES[u] for u in training_templates()]
 
 

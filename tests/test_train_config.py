@@ -99,15 +99,15 @@ def test_lora_targets_choose_the_adapted_layers(tiny_unet):
     _, params = tiny_unet
     default = init_trainable(tiny_config({}), params)["lora"]
     cross_kv = init_trainable(tiny_config({"lora.targets": r"attn2/(to_k|to_v)$"}), params)["lora"]
-    paths = {"/".join(p) for p in _dense_paths(cross_kv)}
+    paths = _layer_paths(cross_kv)
     assert paths and all("/attn2/" in p and p.rsplit("/", 1)[1] in ("to_k", "to_v") for p in paths)
-    assert len(_dense_paths(default)) == 2 * len(paths) * 2  # to_q/k/v/out of attn1 and attn2
+    assert len(_layer_paths(default)) == 2 * len(paths) * 2  # to_q/k/v/out of attn1 and attn2
     with pytest.raises(UserError, match="matches none"):
         init_trainable(tiny_config({"lora.targets": "no_such_layer$"}), params)
 
 
-def _dense_paths(tree, prefix=()) -> list[tuple[str, ...]]:
-    """Paths of the LoRA tree's layers (the dicts holding "a" and "b")."""
-    if "a" in tree and "b" in tree:
-        return [prefix]
-    return [p for k, v in tree.items() for p in _dense_paths(v, (*prefix, k))]
+def _layer_paths(lora_tree) -> set[str]:
+    """The "/"-joined paths of the LoRA tree's layers (each holds "a" and "b")."""
+    from flax import traverse_util
+
+    return {"/".join(path[:-1]) for path in traverse_util.flatten_dict(lora_tree)}

@@ -30,17 +30,7 @@ from safealign_jax.synthetic.data import UserPairs, render, render_pairs, write_
 from safealign_jax.synthetic.metrics import PromptCase
 from safealign_jax.synthetic.oracle import Oracle, validate
 from safealign_jax.synthetic.users import make_users
-from safealign_jax.synthetic.world import (
-    GLYPH_CELL,
-    GLYPH_SIZE,
-    IMAGE_SIZE,
-    OFFSETS,
-    SAFE_DEPICTION,
-    Scene,
-    World,
-    evaluation_templates,
-    prompt,
-)
+from safealign_jax.synthetic.world import IMAGE_SIZE, Scene, World, evaluation_templates, prompt
 from safealign_jax.trained import load_trained, save_trained
 
 
@@ -58,9 +48,7 @@ class Stopwatch:
 
 def base_folder(config, workdir: str, world: World) -> tuple[str, dict]:
     """The pretrained base pipeline folder (built once per base settings) and its summary."""
-    settings = {"world": config.world.to_dict(), "base": config.base.to_dict(), "seed": config.seed,
-                "renders": {"glyph": [GLYPH_SIZE, GLYPH_CELL], "offsets": list(OFFSETS), "safe_depiction": SAFE_DEPICTION},
-                "vocabulary": world.vocabulary()}
+    settings = {"world": world.definition(), "base": config.base.to_dict(), "seed": config.seed}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     root = config.base_cache or os.path.join(workdir, "base_cache")
     folder = os.path.join(root, f"world_base_{key}")

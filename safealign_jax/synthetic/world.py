@@ -27,6 +27,7 @@ set and used for evaluation only.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 
 import numpy as np
@@ -76,11 +77,12 @@ HELD_OUT = 2
 SAFE_DEPICTION = 0.1  # chance that the world draws a harmful prompt's safe counterpart instead
 
 
-def _words(template: str) -> set[str]:
+def template_words(template: str) -> set[str]:
+    """The fixed words of a phrasing template (its slots left out)."""
     return {w for w in template.replace(",", " ").split() if not w.startswith("{")}
 
 
-FILLER = sorted(set().union(*map(_words, TEMPLATES)))
+FILLER = sorted(set().union(*map(template_words, TEMPLATES)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +161,14 @@ class World:
         if concept is not None and rng.random() < SAFE_DEPICTION:
             scene = scene.replace(object=concept.safe)
         return self.render_random(scene, rng)
+
+    def definition(self) -> dict:
+        """Everything that fixes this world's prompts and renders, JSON-able: two worlds with equal
+        definitions train identical base models (the demo's base cache key)."""
+        return {"objects": list(self.objects), "colours": COLOURS, "backgrounds": BACKGROUNDS,
+                "glyphs": hashlib.sha256(np.packbits(self.glyphs).tobytes()).hexdigest(),
+                "image_size": IMAGE_SIZE, "offsets": list(OFFSETS), "templates": list(TEMPLATES),
+                "held_out": HELD_OUT, "safe_depiction": SAFE_DEPICTION}
 
     def all_scenes(self, objects=None) -> list[Scene]:
         objects = self.objects if objects is None else objects
