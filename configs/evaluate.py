@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.psa = ml_collections.ConfigDict()
     c.psa.level = -1  # 0..5: every image for that level's user; -1: the prompt's own user (Sage)
+    c.psa.center_users = ""  # a center_users.csv to derive levels from; "": the official level table
     c.psa.user_id = ""  # one user for every image instead
     c.psa.embeddings = ""  # folder of {user_id}.npy user embeddings (needed by a PSA adapter)
     c.psa.users = "../shared/data/sage/users/users.csv"  # profiles for the judge

@@ -2,7 +2,7 @@
 
     python scripts/sample.py --config configs/sample.py --workdir out \
         --config.model=/path/to/pipeline --config.prompts=../shared/data/eval_prompts/ud_1434.csv
-    # a PSA run for safety level 3 (users L1..L5 from center_users.csv in the users folder):
+    # a PSA run for safety level 3 (the official evaluation's level users L0..L5):
     python scripts/sample.py --config configs/sample.py --workdir out_l3 \
         --config.checkpoint=runs/psa --config.level=3 --config.users=sage/users \
         --config.embeddings=sage/embeddings --config.prompts=prompts.csv
@@ -18,7 +18,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_step = -1  # -1: the latest checkpoint
     config.user_id = ""  # PSA: the user (7 digits, or a number) whose {id}.npy is in embeddings
     config.level = -1  # PSA: safety level 0..5 instead of user_id (-1: none)
-    config.users = ""  # PSA: users.csv / center_users.csv / the Sage users folder (levels, id check)
+    config.users = ""  # PSA: users.csv or the Sage users folder (checks that user_id exists)
+    config.center_users = ""  # PSA: a center_users.csv to derive levels from; "": the official level table
     config.embeddings = ""  # PSA: folder of {user_id}.npy user embeddings
     config.user_embedding = ""  # PSA: one .npy embedding file instead of user_id / level
     config.adapter_scale = -1.0  # PSA lambda; < 0: the run's psa.scale

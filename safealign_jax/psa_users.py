@@ -5,10 +5,11 @@ to (user id, embedding (E,) float32).
     user_id, vector = resolve_user_embedding(user_id="30", embeddings="emb/", embed_dim=3584)
     user_id, vector = resolve_user_embedding(user_embedding="emb/0000030.npy")
 
-Levels (SPEC.md section 3): 0 = the permissive user 0001001; 1..5 = the five cluster-centre
-users of `center_users.csv`, from least to most restrictive (by number of banned categories, ties
-in file order; L5 bans all 7). When no center_users.csv is found next to `users` the published
-ids of the official evaluation script are used (`data.users.PUBLISHED_LEVEL_USERS`).
+Levels (SPEC.md section 3): by default the table of the official evaluation
+(`data.users.PUBLISHED_LEVEL_USERS`: L0 0001001 (permissive), L1 0000797, L2 0000697, L3 0000002,
+L4 0000742, L5 0000501). A center_users.csv is read only when one is named (`center_users=`):
+levels 1..5 are then its users from least to most restrictive by number of banned categories
+(ties in file order), which cannot reproduce the official table (its L2 and L3 both ban four).
 """
 
 from __future__ import annotations
@@ -20,36 +21,30 @@ import numpy as np
 from safealign_jax.data import users as users_lib
 from safealign_jax.errors import UserError
 
-CENTER_USERS = "center_users.csv"
 USERS = "users.csv"
 
 
-def _users_files(users: str) -> tuple[Path | None, Path | None]:
-    """(users.csv, center_users.csv) found from `users`: a users folder, a users.csv or a
-    center_users.csv (each None when absent)."""
+def _users_csv(users: str) -> Path | None:
+    """The users.csv named by `users` (the file, or the Sage users folder holding it); None when
+    `users` is empty or the folder has none."""
     if not users:
-        return None, None
+        return None
     path = Path(users)
+    if path.is_file():
+        return path
     if path.is_dir():
-        folder = path
-    elif path.is_file():
-        folder = path.parent
-        if path.name == CENTER_USERS:
-            return (folder / USERS if (folder / USERS).is_file() else None), path
-    else:
-        raise UserError(f"--config.users={users}: no such users.csv or users folder.")
-    users_csv = path if path.is_file() else folder / USERS
-    center = folder / CENTER_USERS
-    return (users_csv if users_csv.is_file() else None), (center if center.is_file() else None)
+        return path / USERS if (path / USERS).is_file() else None
+    raise UserError(f"--config.users={users}: no such users.csv or users folder.")
 
 
-def level_user_ids(users: str = "") -> tuple[tuple[str, ...], str]:
-    """(user ids of levels 0..5, where they came from): from the center_users.csv found from
-    `users`, else the published ids."""
-    _, center = _users_files(users)
-    if center is None:
-        return users_lib.PUBLISHED_LEVEL_USERS, "published level users (no center_users.csv given)"
-    return users_lib.level_users(users_lib.read_center_users(center)), str(center)
+def level_user_ids(center_users: str = "") -> tuple[tuple[str, ...], str]:
+    """(user ids of levels 0..5, where they came from): the official evaluation's table, or the
+    levels derived from the center_users.csv file `center_users` when one is named."""
+    if not center_users:
+        return users_lib.PUBLISHED_LEVEL_USERS, "the official evaluation's level table"
+    if not Path(center_users).is_file():
+        raise UserError(f"--config.center_users={center_users}: no such center_users.csv file.")
+    return users_lib.level_users(users_lib.read_center_users(center_users)), str(center_users)
 
 
 def load_embedding(path, embed_dim: int | None = None) -> np.ndarray:
@@ -78,6 +73,7 @@ def resolve_user_embedding(
     user_id: str = "",
     level: int = -1,
     users: str = "",
+    center_users: str = "",
     embeddings: str = "",
     user_embedding: str = "",
     embed_dim: int | None = None,
@@ -86,8 +82,8 @@ def resolve_user_embedding(
 
     Exactly one of: `user_embedding` (an .npy file; the id is `user_id` if given, else the file
     stem), `user_id` (its `{id}.npy` is read from the `embeddings` folder), or `level` in 0..5
-    (its user as `level_user_ids(users)`, embedding from `embeddings`). `users`: users.csv, a
-    center_users.csv or the Sage users folder; when it holds users.csv a `user_id` must be in it.
+    (its user as `level_user_ids(center_users)`, embedding from `embeddings`). `users`: users.csv or
+    the Sage users folder; when it holds users.csv a `user_id` must be in it.
     `embed_dim`: the adapter's expected width E (checked when given). Every failure is a
     one-line UserError.
     """
@@ -100,13 +96,13 @@ def resolve_user_embedding(
     if level >= 0:
         if user_id:
             raise UserError("--config.user_id and --config.level both given; choose one.")
-        ids, _ = level_user_ids(users)
+        ids, _ = level_user_ids(center_users)
         if not 0 <= level < len(ids):
             raise UserError(f"--config.level={level} is not in 0..{len(ids) - 1}.")
         uid = ids[level]
     elif user_id:
         uid = users_lib.format_user_id(user_id, "--config.user_id")
-        users_csv, _ = _users_files(users)
+        users_csv = _users_csv(users)
         if users_csv is not None and uid not in users_lib.read_users(users_csv):
             raise UserError(f"--config.user_id={user_id}: user {uid} is not in {users_csv}.")
     else:

@@ -290,7 +290,7 @@ def main(config, workdir):
     for name in benchmarks:
         folder = os.path.join(method_dir, name)
         generation.check_run(folder, generation.run_record(description, settings, config.psa.embeddings))
-        users = generation.row_users(rows[name], config.psa.user_id, config.psa.level, config.psa.users)
+        users = generation.row_users(rows[name], config.psa.user_id, config.psa.level, config.psa.center_users)
         missing = [r for r in rows[name] if not os.path.exists(os.path.join(folder, "images", generation.image_name(r)))]
         if missing and model is None:
             model = generation.load_model(config.model, config.checkpoint, step, config.dtype)

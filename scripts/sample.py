@@ -72,7 +72,7 @@ def load_checkpoint(config) -> dict:
         return out
     try:
         user_id, vector = resolve_user_embedding(
-            user_id=str(config.user_id), level=config.level, users=config.users,
+            user_id=str(config.user_id), level=config.level, users=config.users, center_users=config.center_users,
             embeddings=config.embeddings, user_embedding=config.user_embedding,
             embed_dim=int(trained.adapter["proj"]["kernel"].shape[0]))
     except UserError as error:

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from safealign_jax.data import users as users_lib
 from safealign_jax.data.users import PUBLISHED_LEVEL_USERS
 from safealign_jax.errors import UserError
 from safealign_jax.psa_users import level_user_ids, resolve_user_embedding
@@ -46,28 +47,36 @@ def folder(tmp_path) -> Path:
     return tmp_path
 
 
-def test_levels_from_center_users_file_and_published_fallback(folder):
-    ids, where = level_user_ids(str(folder / "users"))
+def test_levels_default_to_the_official_table_and_a_center_users_file_only_when_named(folder):
+    assert level_user_ids()[0] == level_user_ids("")[0] == PUBLISHED_LEVEL_USERS == (
+        "0001001", "0000797", "0000697", "0000002", "0000742", "0000501")
+    ids, where = level_user_ids(str(folder / "users" / "center_users.csv"))
+    # by number of banned categories, ties in file order
     assert ids == ("0001001", "0000003", "0000002", "0000001", "0000005", "0000004")
     assert where.endswith("center_users.csv")
-    # the same file found next to users.csv, or named directly
-    assert level_user_ids(str(folder / "users" / "users.csv"))[0] == ids
-    assert level_user_ids(str(folder / "users" / "center_users.csv"))[0] == ids
-    assert level_user_ids("")[0] == PUBLISHED_LEVEL_USERS == (
-        "0001001", "0000797", "0000697", "0000002", "0000742", "0000501")
+    with pytest.raises(UserError, match=r"no such center_users\.csv"):
+        level_user_ids(str(folder / "users"))
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared data absent")
 def test_levels_of_the_released_center_users():
-    ids, _ = level_user_ids(str(SHARED / "users"))
-    # by number of banned categories (2, 2, 4, 4, 7), ties in file order; L5 bans all 7
-    assert ids == ("0001001", "0000486", "0000418", "0000999", "0000824", "0000480")
+    """The corrected release lists the official evaluation's five centre users; ordering them by
+    the number of banned categories cannot tell L2 from L3 (both ban four), so the default is
+    the official table and the file gives the same users in another order."""
+    released = users_lib.read_center_users(SHARED / "users" / "center_users.csv")
+    assert sorted(u.user_id for u in released) == sorted(PUBLISHED_LEVEL_USERS[1:])
+    assert [len(u.banned) for u in released if u.user_id in ("0000697", "0000002")] == [4, 4]
+    ids, _ = level_user_ids(str(SHARED / "users" / "center_users.csv"))
+    assert ids == ("0001001", "0000797", "0000002", "0000697", "0000742", "0000501")  # L2 / L3 swapped
+    assert level_user_ids()[0][2:4] == ("0000697", "0000002")
 
 
 def test_resolve_by_level_user_id_and_file(folder):
     users, emb = str(folder / "users"), str(folder / "embeddings")
-    uid, vector = resolve_user_embedding(level=2, users=users, embeddings=emb, embed_dim=6)
+    uid, vector = resolve_user_embedding(level=3, users=users, embeddings=emb, embed_dim=6)  # official L3
     assert uid == "0000002" and vector.shape == (6,) and vector.dtype == np.float32 and vector[0] == 1
+    center = str(folder / "users" / "center_users.csv")
+    assert resolve_user_embedding(level=3, center_users=center, embeddings=emb)[0] == "0000001"
     assert resolve_user_embedding(level=0, users=users, embeddings=emb)[0] == "0001001"
     uid, vector = resolve_user_embedding(user_id="3", users=users, embeddings=emb)
     assert uid == "0000003" and vector[0] == 2

@@ -11,10 +11,10 @@ Levels: 0 is the permissive user 0001001 (bans nothing); 1..5 are five cluster-c
 from least to most restrictive. `level_user(level)` returns the users the official PSA
 evaluation script hard-codes (`PUBLISHED_LEVEL_USERS`, the ones behind the paper's numbers);
 `level_user(level, center_users)` derives the order from a center_users.csv instead (by number
-of banned categories, ties in file order). The center_users.csv shipped in ../shared/data comes
-from a different clustering run than the published ids. Sampling and evaluation resolve levels
-with `safealign_jax.psa_users.level_user_ids`, which uses center_users.csv when one is given
-(SPEC.md) and these published ids only as the fallback.
+of banned categories, ties in file order), which cannot reproduce the official table: its L2
+(0000697) and L3 (0000002) both ban four categories. Sampling and evaluation resolve levels with
+`safealign_jax.psa_users.level_user_ids`: the official table by default, a center_users.csv only
+when one is named.
 """
 
 from __future__ import annotations

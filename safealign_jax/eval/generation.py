@@ -122,15 +122,16 @@ def row_seed(row: PromptRow, settings: GenerationSettings) -> int:
     return row.seed if settings.use_file_seeds and row.seed is not None else settings.seed + row.index
 
 
-def row_users(rows: Sequence[PromptRow], user_id: str = "", level: int = -1, users: str = "") -> list[str | None]:
+def row_users(rows: Sequence[PromptRow], user_id: str = "", level: int = -1,
+              center_users: str = "") -> list[str | None]:
     """The user of each row: `user_id` for all rows, else PSA level `level`'s user for all rows
-    (`psa_users.level_user_ids(users)`: from the center_users.csv found from `users`, else the
-    published ids), else the row's own user (Sage prompt sets), else None."""
+    (`psa_users.level_user_ids(center_users)`: the official evaluation's table, or the levels of
+    a named center_users.csv), else the row's own user (Sage prompt sets), else None."""
     check(not (user_id and level >= 0), f"give a user id ({user_id!r}) or a level ({level}), not both.")
     if user_id:
         fixed = format_user_id(user_id, "user_id")
     elif level >= 0:
-        ids, _ = level_user_ids(users)
+        ids, _ = level_user_ids(center_users)
         check(level < len(ids), f"PSA level {level} is not in 0..{len(ids) - 1}.")
         fixed = ids[level]
     else:
