@@ -19,8 +19,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pipeline = ""  # diffusers SD / SDXL pipeline folder (its VAE and text encoders)
     config.dataset = ""  # built coprov2_pairs version folder; "" = build from table + images/parquet
     config.table = ""  # CoProv2_train.csv (when dataset is "")
-    config.images = ""  # image folder (u_idx_NNNNNNN_0.jpg / s_idx_...)
-    config.parquet = ""  # comma-separated parquet files, used instead of images when given
+    config.images = ""  # image folder (u_idx_NNNNNNN_0.jpg / s_idx_...; or the parquet's file names)
+    config.parquet = ""  # comma-separated parquet files; jpg_0/jpg_1 file names resolve against images
     config.tfds_dir = ""  # where the TFDS data set is built (when dataset is "")
     config.policy = "skip"  # bad source rows: skip (reported in the metadata) or fail
     config.split = "train"

@@ -8,6 +8,8 @@ Hyperparameters of sd15/sd21/sdxl follow SPEC.md section 2 (official SafetyDPO r
 LoRA rank 4 = alpha on to_q/to_k/to_v/to_out.0, AdamW(0.9, 0.999, wd 1e-2, eps 1e-8),
 lr 1e-5 x pairs per step, 500 warm-up steps then constant, clip 1.0, 2,000 steps,
 16 pairs per device, beta 5000, caption dropout 0.2; SDXL: Adafactor + remat at 1024 px.
+Like the official script, which trains on every row of the released parquet table (each pair
+once with its harmful and once with its safe caption), they set data.both_captions=True.
 
 psa_sd15 / psa_sdxl (SPEC.md section 3, PSA): the user adapter (E=3584, N=1, lambda=1) trained on
 Sage (data.source=sage_cache + data.embeddings), beta 5000, fp32 adapter weights. SD1.5: AdamW
@@ -91,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # source=cache: the latent cache folder
     c.data.category = ""  # source=cache: one CoProV2 category (expert training), or several "A,B"; "" = all
     c.data.both_captions = False  # source=cache: each pair also captioned with its safe prompt
+    # (True in sd15/sd21/sdxl: every parquet row, as the official script trains)
     c.data.flip = "none"  # source=cache: none | shared | independent (flips the cached latents)
     c.data.num_threads = 4  # source=cache: reader threads prefetching batches
     c.data.embeddings = ""  # source=sage_cache: folder of {user_id}.npy user embeddings
@@ -127,6 +130,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.remat_policy = "full"
         c.model.compute_dtype = "bfloat16"
         c.data.resolution = 1024
+    if preset in ("sd15", "sd21", "sdxl"):
+        c.data.both_captions = True
     if preset.startswith("psa_"):
         c.psa.enable = True
         c.data.source = "sage_cache"

@@ -10,8 +10,11 @@ Images come either from a folder holding those file names (`attach_folder_images
 parquet release (`attach_parquet_images`: columns jpg_0, jpg_1, label_0, caption; label_0 == 1
 means jpg_0 is preferred; two rows per pair, captioned with the harmful and the safe prompt). A
 parquet release has no index or category column, so its rows are matched to the prompt table by
-their captions; the image bytes stay in the parquet files (`ParquetImage` references) and are read
-in file order by `pair_images`, so a large release is never held in memory.
+their captions. Each of jpg_0 / jpg_1 holds either file names (the released dataset card types
+them as strings, opened by the official training script relative to an image folder) or the
+image itself (bytes, or a {"bytes", "path"} image struct); `image_column_kind` tells them apart by
+the column's Arrow type. Embedded bytes stay in the parquet files (`ParquetImage` references) and
+are read in file order by `pair_images`, so a large release is never held in memory.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from safealign_jax.errors import UserError
 
 IMAGE_NAME = re.compile(r"(?P<kind>[us])_idx_(?P<index>\d+)_(?P<render>\d+)\.[A-Za-z]+")
 PARQUET_COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
+IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,10 +179,28 @@ def attach_folder_images(
 
 
 def _image_value(value) -> bytes | None:
-    """Image bytes from a parquet cell: raw bytes or a {'bytes', 'path'} struct."""
+    """Image bytes from an embedded-image parquet cell: raw bytes or a {'bytes', 'path'} struct."""
     if isinstance(value, dict):
         value = value.get("bytes")
     return value if isinstance(value, bytes) and value else None
+
+
+def image_column_kind(file, schema, name: str) -> str:
+    """"names" for a string column (file names), "bytes" for binary or an image struct with a
+    `bytes` field; UserError naming the column and its type otherwise."""
+    import pyarrow as pa
+
+    kind = schema.field(name).type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return "names"
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return "bytes"
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        return "bytes"
+    raise UserError(
+        f"{file}: parquet column {name} has type {kind}; expected file names (string) or images "
+        f"(binary, or a struct with a 'bytes' field)."
+    )
 
 
 def _parquet_rows(files: Sequence[Path], columns: Sequence[str]) -> Iterator[tuple[Path, int, dict]]:
@@ -201,11 +223,61 @@ def _parquet_rows(files: Sequence[Path], columns: Sequence[str]) -> Iterator[tup
                 row += 1
 
 
+def _image_column_kinds(file: Path) -> dict[str, str]:
+    """{jpg_0 / jpg_1: "names" | "bytes"} of one parquet file."""
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(file)
+    return {c: image_column_kind(file, schema, c) for c in IMAGE_COLUMNS if c in schema.names}
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowImage:
+    """One image cell of a parquet row: the SHA-1 of its bytes (rows showing the same image
+    agree whether they name it or embed it) and where the pair will read it."""
+
+    digest: bytes
+    source: Path | ParquetImage
+
+
+def _row_image(
+    file: Path, row: int, column_name: str, value, kind: str, image_dir: Path | None,
+    checked: dict[object, tuple[bytes, tuple[str, str] | None]],
+):
+    """(_RowImage, None) for a usable cell, (None, (problem kind, detail)) otherwise.
+    `checked` caches (digest, problem) per image file or digest (each image is in two rows)."""
+    if kind == "bytes":
+        data = _image_value(value)
+        if data is None:
+            return None, ("bad_row", f"{column_name} holds no image bytes")
+        source, digest = ParquetImage(str(file), row, column_name), hashlib.sha1(data).digest()
+        if digest not in checked:
+            reason = validation.image_problem(data)
+            problem = reason and ("unreadable_image", f"{column_name} cannot be decoded ({reason})")
+            checked[digest] = (digest, problem)
+        digest, problem = checked[digest]
+    else:
+        if not isinstance(value, str) or not value.strip():
+            return None, ("bad_row", f"{column_name} holds no file name")
+        source = image_dir / value
+        if source not in checked:
+            problem = validation.image_file_problem(source)
+            digest = b"" if problem else hashlib.sha1(source.read_bytes()).digest()
+            checked[source] = (digest, problem)
+        digest, problem = checked[source]
+    if problem is not None:
+        return None, problem
+    return _RowImage(digest, source), None
+
+
 def attach_parquet_images(
-    pairs: Sequence[Pair], files: Sequence, report: validation.Report
+    pairs: Sequence[Pair], files: Sequence, report: validation.Report, image_dir=None
 ) -> list[Pair]:
     """Pairs with images from the parquet release, matched by caption; in parquet order.
 
+    jpg_0 / jpg_1 may hold file names, resolved against `image_dir` (then the pair's images are
+    those file paths), or embedded images (then `ParquetImage` references); see
+    `image_column_kind`. A row whose image is missing or unreadable is reported and left out.
     Rows showing the same (preferred, rejected) images form one group; the group's captions
     must be the harmful and/or safe prompt of a pair of the prompt table. Prompts repeat across
     pairs in the real table, so a group goes to the first such pair not yet given images.
@@ -214,32 +286,43 @@ def attach_parquet_images(
     for file in files:
         if not file.is_file():
             raise UserError(f"CoProV2 parquet file {file} does not exist.")
+    kinds = {file: _image_column_kinds(file) for file in files}
+    if any("names" in k.values() for k in kinds.values()):
+        if image_dir is None or not Path(image_dir).is_dir():
+            raise UserError(
+                f"CoProV2 parquet jpg_0/jpg_1 hold file names: give the image folder they are "
+                f"in (--config.images; got {str(image_dir or '') or 'none'!r})."
+            )
+        image_dir = Path(image_dir)
     by_prompt: dict[str, set[int]] = collections.defaultdict(set)
     for i, pair in enumerate(pairs):
         by_prompt[pair.harmful_prompt].add(i)
         by_prompt[pair.safe_prompt].add(i)
 
     groups: dict[bytes, list[tuple[Path, int, str]]] = {}
-    labels: dict[tuple[Path, int], int] = {}
+    checked: dict[object, tuple[bytes, tuple[str, str] | None]] = {}
+    sources: dict[tuple[Path, int], tuple[Path | ParquetImage, Path | ParquetImage]] = {}
     for file, row, values in _parquet_rows(files, PARQUET_COLUMNS):
         line = row + 1
-        images = [_image_value(values["jpg_0"]), _image_value(values["jpg_1"])]
-        if values["label_0"] not in (0, 1) or None in images or not values["caption"]:
-            report.add(
-                "bad_row", file, line,
-                "needs label_0 0 or 1, jpg_0/jpg_1 image bytes and a caption; row left out",
-            )
+        if values["label_0"] not in (0, 1) or not values["caption"]:
+            report.add("bad_row", file, line, "needs label_0 0 or 1 and a caption; row left out")
             continue
-        preferred, rejected = images if values["label_0"] == 1 else images[::-1]
-        key = hashlib.sha1(preferred).digest() + hashlib.sha1(rejected).digest()
-        if key not in groups:
-            reasons = [r for r in map(validation.image_problem, (preferred, rejected)) if r]
-            if reasons:
-                report.add("unreadable_image", file, line, f"{reasons[0]}; row left out")
-                continue
-            groups[key] = []
-        groups[key].append((file, row, values["caption"]))
-        labels[file, row] = values["label_0"]
+        order = IMAGE_COLUMNS if values["label_0"] == 1 else IMAGE_COLUMNS[::-1]
+        cells, problem = [], None
+        for name in order:
+            cell, problem = _row_image(
+                file, row, name, values[name], kinds[file][name], image_dir, checked
+            )
+            if problem is not None:
+                break
+            cells.append(cell)
+        if problem is not None:
+            report.add(problem[0], file, line, f"{problem[1]}; row left out")
+            continue
+        preferred, rejected = cells
+        key = preferred.digest + rejected.digest
+        groups.setdefault(key, []).append((file, row, values["caption"]))
+        sources[file, row] = (preferred.source, rejected.source)
 
     assigned: dict[int, tuple[Path, int]] = {}
     for rows in groups.values():
@@ -259,58 +342,61 @@ def attach_parquet_images(
             continue
         assigned[free[0]] = (file, row)
 
-    out = []
     for i, pair in enumerate(pairs):
         if i not in assigned:
             report.add(
                 "missing_image", pair.source, pair.lines[0],
                 f"no parquet row has the images of pair {pair.pair_id}; pair left out",
             )
-            continue
-        file, row = assigned[i]
-        columns = ("jpg_0", "jpg_1") if labels[file, row] == 1 else ("jpg_1", "jpg_0")
-        out.append(
-            dataclasses.replace(
-                pair,
-                preferred=ParquetImage(str(file), row, columns[0]),
-                rejected=ParquetImage(str(file), row, columns[1]),
-            )
-        )
-    out.sort(key=lambda p: (files.index(Path(p.preferred.file)), p.preferred.row))
+    order = sorted(assigned, key=lambda i: (files.index(assigned[i][0]), assigned[i][1]))
+    out = []
+    for i in order:
+        preferred, rejected = sources[assigned[i]]
+        out.append(dataclasses.replace(pairs[i], preferred=preferred, rejected=rejected))
     report.kept["pairs"] = len(out)
     return out
+
+
+def _parquet_ref(pair: Pair) -> ParquetImage | None:
+    """The parquet row a pair reads embedded images from (None if both images are files)."""
+    for image in (pair.preferred, pair.rejected):
+        if isinstance(image, ParquetImage):
+            return image
+    return None
 
 
 def pair_images(pairs: Sequence[Pair]) -> Iterator[tuple[Pair, bytes, bytes]]:
     """(pair, preferred bytes, rejected bytes) for each pair, in order.
 
-    Parquet-backed pairs must come in parquet order (as `attach_parquet_images` returns them):
-    the files are streamed once.
+    Pairs with embedded parquet images must come in parquet order (as `attach_parquet_images`
+    returns them): the files are streamed once.
     """
-    wanted = collections.defaultdict(dict)
+    wanted = collections.defaultdict(set)
     for pair in pairs:
-        if isinstance(pair.preferred, ParquetImage):
-            wanted[Path(pair.preferred.file)][pair.preferred.row] = pair
+        ref = _parquet_ref(pair)
+        if ref is not None:
+            wanted[Path(ref.file)].add(ref.row)
     streams = {
         file: (
             (row, values)
-            for _, row, values in _parquet_rows([file], ("jpg_0", "jpg_1"))
+            for _, row, values in _parquet_rows([file], IMAGE_COLUMNS)
             if row in rows
         )
         for file, rows in wanted.items()
     }
     for pair in pairs:
-        if isinstance(pair.preferred, ParquetImage):
-            row, values = next(streams[Path(pair.preferred.file)])
-            if row != pair.preferred.row:
-                raise ValueError("parquet-backed pairs must be given in parquet order")
-            yield pair, _image_value(values[pair.preferred.column]), _image_value(
-                values[pair.rejected.column]
-            )
-        elif isinstance(pair.preferred, Path) and isinstance(pair.rejected, Path):
-            yield pair, pair.preferred.read_bytes(), pair.rejected.read_bytes()
-        else:
+        if pair.preferred is None or pair.rejected is None:
             raise ValueError(f"pair {pair.pair_id} has no images attached")
+        ref, values = _parquet_ref(pair), None
+        if ref is not None:
+            row, values = next(streams[Path(ref.file)])
+            if row != ref.row:
+                raise ValueError("parquet-backed pairs must be given in parquet order")
+        yield pair, *(
+            _image_value(values[image.column]) if isinstance(image, ParquetImage)
+            else Path(image).read_bytes()
+            for image in (pair.preferred, pair.rejected)
+        )
 
 
 def category_index(pairs: Sequence[Pair]) -> dict[str, list[int]]:

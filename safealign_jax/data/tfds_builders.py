@@ -71,7 +71,8 @@ class CoProV2Pairs(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, table=None, images=None, parquet=(), policy: str = "fail", **kwargs):
         """`table`: CoProv2_train.csv; `images`: image folder; `parquet`: parquet files (used
-        instead of `images` when given); `policy`: "fail" or "skip" (see validation.py)."""
+        instead of `images` when given; their jpg_0/jpg_1 file names, if any, are resolved
+        against `images`); `policy`: "fail" or "skip" (see validation.py)."""
         validation.check_policy(policy)
         self._table, self._images, self._parquet = table, images, tuple(parquet)
         self._policy = policy
@@ -110,7 +111,7 @@ class CoProV2Pairs(tfds.core.GeneratorBasedBuilder):
         report = validation.Report()
         pairs = coprov2.read_prompt_table(table, report)
         if parquet:
-            pairs = coprov2.attach_parquet_images(pairs, parquet, report)
+            pairs = coprov2.attach_parquet_images(pairs, parquet, report, image_dir=images)
         elif images is not None:
             pairs = coprov2.attach_folder_images(pairs, images, report)
         else:
