@@ -12,6 +12,9 @@ foldable into the UNet (`lora.fold_delta`) or read by `Dense` from the "lora" co
         with statistics = calibrate(unet_apply(module), params, trees, scales, batches, "mean_abs")
         and batches = cache_batches(cache_dir, schedule, num_examples=, batch_size=, seed=)
     to_lora(delta_tree, rank) -> (LoRA tree with scale 1, relative error per layer)
+    fuse(params, trees, concept_states, preserved, scales=) -> delta tree of the text-keyed
+        layers (cross-attention to_k / to_v) keeping each expert's own concepts (least squares);
+        combine(fused, other_merge) fills in the other layers; delta_norm(tree) -> Frobenius norm
 
 `load_experts(expert_paths(spec))` reads expert checkpoints and checks that they share their base
 model and their layers / shapes. scripts/merge.py drives all of this from configs/merge.py.
@@ -20,12 +23,20 @@ model and their layers / shapes. scripts/merge.py drives all of this from config
 from safealign_jax.merge.calibration import STATISTICS, cache_batches, calibrate, unet_apply
 from safealign_jax.merge.comerge import GRANULARITIES, comerge
 from safealign_jax.merge.experts import expert_name, expert_paths, load_experts
+from safealign_jax.merge.fusion import combine, fuse
 from safealign_jax.merge.methods import dare, linear, task_arithmetic, ties, trim
 from safealign_jax.merge.refactor import to_lora
-from safealign_jax.merge.trees import check_compatible, check_same_base, delta_tree, expert_deltas
+from safealign_jax.merge.trees import (
+    TEXT_KEYED,
+    check_compatible,
+    check_same_base,
+    delta_norm,
+    delta_tree,
+    expert_deltas,
+)
 
 __all__ = [
-    "GRANULARITIES", "STATISTICS", "cache_batches", "calibrate", "check_compatible", "check_same_base",
-    "comerge", "dare", "delta_tree", "expert_deltas", "expert_name", "expert_paths", "linear",
-    "load_experts", "task_arithmetic", "ties", "to_lora", "trim", "unet_apply",
+    "GRANULARITIES", "STATISTICS", "TEXT_KEYED", "cache_batches", "calibrate", "check_compatible",
+    "check_same_base", "combine", "comerge", "dare", "delta_norm", "delta_tree", "expert_deltas", "expert_name",
+    "expert_paths", "fuse", "linear", "load_experts", "task_arithmetic", "ties", "to_lora", "trim", "unet_apply",
 ]

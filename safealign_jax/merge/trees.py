@@ -10,12 +10,15 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from safealign_jax import lora
 from safealign_jax.errors import UserError
 
 Layer = tuple[str, ...]
+# The layers that read only the text states: every cross-attention's key and value (kernel (D, out)).
+TEXT_KEYED = r"(^|/)attn2/(to_k|to_v)$"
 
 
 def _names(count: int, names: Sequence[str] | None) -> list[str]:
@@ -87,3 +90,9 @@ def delta_tree(layers: dict[Layer, jax.Array]) -> dict:
 def layer_name(path: Layer) -> str:
     """("down_blocks_0", ..., "to_q") -> "down_blocks_0/.../to_q"."""
     return "/".join(path)
+
+
+def delta_norm(delta: dict) -> float:
+    """Frobenius norm of a whole delta (or any) tree: sqrt of the sum over every layer of
+    ||dW||_F^2, accumulated in float64."""
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(leaf, np.float64))) for leaf in jax.tree.leaves(delta))))

@@ -1,0 +1,178 @@
+"""Closed-form concept editing of the UNet's cross-attention (the UCE / MACE family), as a delta tree.
+
+The cross-attention key and value layers (".../attn2/to_k", ".../attn2/to_v"; kernel W (D, out),
+y = c W) read only the text states c (D per token). Given source rows c_i (text states of harmful
+words or prompts) with target rows c*_i (their safe counterparts), preserved rows c_j (safe and
+neutral words whose outputs must not move), a preserve weight lambda_p and a ridge r, every such
+layer gets the minimiser of
+
+    sum_i ||c_i W' - c*_i W||^2 + lambda_p sum_j ||c_j W' - c_j W||^2 + r ||W' - W||_F^2,
+
+    W' - W = (C^T C + lambda_p P^T P + r I)^{-1} C^T (C* - C) W          (float64 on the host)
+
+with C, C*, P the rows stacked. The D x D system does not depend on the layer, so it is factored
+once and every layer costs one (D, D) x (D, out) product. The result is a delta tree
+{P: {"delta": (D, out) float32}} like a merge's: `lora.fold_delta` folds it, `merge.to_lora` makes
+it a LoRA, `trained.save_trained(workdir, {"delta": tree}, ...)` makes it a run (scripts/erase.py).
+
+    delta = edit_from_prompts(pipe, pipe.unet_params, [("nudity", "dress"), ("gore", "")],
+                              preserved=["a cat", "a portrait"])
+"""
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.linalg
+from flax import traverse_util
+
+from safealign_jax.errors import UserError, check
+from safealign_jax.merge.trees import TEXT_KEYED, Layer, delta_norm, delta_tree
+from safealign_jax.pipeline import encode_prompts
+
+ENCODE_BATCH = 32  # prompts per text-encoder call (the last call is padded: one compile)
+GRAM_CHUNK = 4096  # rows per float64 product when accumulating C^T C
+
+__all__ = ["TEXT_KEYED", "check_reads_text", "check_rows", "delta_norm", "edit_from_prompts", "gram",
+           "normal_matrix", "preserved_states", "prompt_states", "solve_edit", "text_keyed_kernels", "token_counts"]
+
+
+def _states(pipe, prompts: Sequence[str]) -> np.ndarray:
+    """(B, S, D) float32 text states of `prompts`, encoded ENCODE_BATCH at a time."""
+    prompts = list(prompts)
+    out = []
+    for start in range(0, len(prompts), ENCODE_BATCH):
+        chunk = prompts[start:start + ENCODE_BATCH]
+        padded = chunk + [""] * (min(ENCODE_BATCH, len(prompts)) - len(chunk))
+        out.append(np.asarray(encode_prompts(pipe, padded)[0], np.float32)[:len(chunk)])
+    return np.concatenate(out)
+
+
+def token_counts(pipe, prompts: Sequence[str]) -> list[int]:
+    """Tokens of each prompt as the pipeline encodes it: BOS + content + EOS, truncated to the
+    tokenizer's length (the first tokenizer's count; SDXL's two CLIP tokenizers agree)."""
+    tokenizer = pipe.tokenizers[0]
+    encoded = tokenizer(list(prompts), truncation=True, max_length=tokenizer.model_max_length)
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def prompt_states(pipe, sources: list[str], targets: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned (M, D) float32 text-state rows of source and target prompts.
+
+    States come from `pipeline.encode_prompts` (SDXL: both encoders' states concatenated). A
+    source and its target with the same token count are aligned position by position (all S
+    positions, BOS to the last padding); otherwise as UCE does: from each prompt's last content
+    token (index count - 2; BOS for "") to the end, truncated to the shorter of the two, so EOS
+    meets EOS and the padding states meet each other.
+    """
+    check(len(sources) == len(targets), f"{len(sources)} source prompts but {len(targets)} targets.")
+    check(len(sources) > 0, "no edits given (expected at least one source -> target pair).")
+    source_states, target_states = _states(pipe, sources), _states(pipe, targets)
+    length = source_states.shape[1]
+    rows_s, rows_t = [], []
+    for s, t, ns, nt in zip(source_states, target_states, token_counts(pipe, sources), token_counts(pipe, targets),
+                            strict=True):
+        if ns == nt:
+            rows_s.append(s)
+            rows_t.append(t)
+            continue
+        i, j = max(ns - 2, 0), max(nt - 2, 0)
+        n = length - max(i, j)
+        rows_s.append(s[i:i + n])
+        rows_t.append(t[j:j + n])
+    return np.concatenate(rows_s), np.concatenate(rows_t)
+
+
+def preserved_states(pipe, prompts: list[str]) -> np.ndarray:
+    """(P * S, D) float32: the text states of every token position of every prompt."""
+    check(len(prompts) > 0, "no preserved prompts given (pass an empty array to solve_edit instead).")
+    states = _states(pipe, prompts)
+    return states.reshape(-1, states.shape[-1])
+
+
+def text_keyed_kernels(params: dict, layers: str = TEXT_KEYED) -> dict[Layer, np.ndarray]:
+    """{module path: kernel (D, out)} of every Dense layer (2-D kernel) whose "/"-joined path
+    matches `layers` (`re.search`), sorted by path. UserError if the pattern is invalid or matches
+    no layer."""
+    try:
+        regex = re.compile(layers)
+    except re.error as e:
+        raise UserError(f"layer pattern {layers!r} is not a valid regular expression ({e}).") from None
+    kernels = {path[:-1]: leaf for path, leaf in sorted(traverse_util.flatten_dict(params).items())
+               if path[-1] == "kernel" and np.ndim(leaf) == 2 and regex.search("/".join(path[:-1]))}
+    check(bool(kernels), f"layer pattern {layers!r} matches no Dense layer of the model "
+          "(expected the cross-attention key / value layers, e.g. '.../attn2/to_k').")
+    return kernels
+
+
+def gram(rows: np.ndarray, other: np.ndarray | None = None) -> np.ndarray:
+    """rows^T other (D, D') in float64 (other = rows by default), accumulated GRAM_CHUNK rows at a
+    time so M x D rows never exist in float64 at once."""
+    other = rows if other is None else other
+    total = np.zeros((rows.shape[1], other.shape[1]))
+    for start in range(0, rows.shape[0], GRAM_CHUNK):
+        a = np.asarray(rows[start:start + GRAM_CHUNK], np.float64)
+        b = np.asarray(other[start:start + GRAM_CHUNK], np.float64)
+        total += a.T @ b
+    return total
+
+
+def check_rows(name: str, rows: np.ndarray, width: int | None = None) -> None:
+    """UserError unless `rows` is 2-D (rows, D), with D = `width` if given."""
+    check(rows.ndim == 2, f"{name} has shape {rows.shape}, expected (rows, D) text states.")
+    check(width is None or rows.shape[1] == width, f"{name} has width {rows.shape[1]}, expected {width}.")
+
+
+def normal_matrix(weighted_grams: Sequence[np.ndarray], width: int, ridge: float):
+    """The Cholesky factor (for `scipy.linalg.cho_solve`) of sum(weighted_grams) + ridge I (D, D)."""
+    check(ridge > 0, f"ridge={ridge!r} is invalid (expected a positive number).")
+    matrix = ridge * np.eye(width)
+    for g in weighted_grams:
+        matrix += g
+    return scipy.linalg.cho_factor(matrix)
+
+
+def check_reads_text(kernels: dict[Layer, np.ndarray], width: int) -> None:
+    """UserError naming the first layer whose input width is not the text states' width D."""
+    for path, kernel in kernels.items():
+        check(kernel.shape[0] == width, f"layer {'/'.join(path)!r} reads inputs of width {kernel.shape[0]}, but the "
+              f"text states have width {width} (only cross-attention to_k / to_v read text states).")
+
+
+def solve_edit(params: dict, sources: np.ndarray, targets: np.ndarray, preserved: np.ndarray | None, *,
+               preserve_weight: float = 1.0, ridge: float = 1e-3, layers: str = TEXT_KEYED) -> dict:
+    """The delta tree {P: {"delta": (D, out) float32}} of every Dense layer matching `layers`.
+
+    Args:
+      params: the UNet's params tree (kernels (in, out)).
+      sources, targets: (M, D) aligned text-state rows c_i -> c*_i (e.g. from `prompt_states`).
+      preserved: (P, D) rows c_j whose outputs are kept (`preserved_states`); None or (0, D): none.
+      preserve_weight: lambda_p >= 0.
+      ridge: r > 0, the pull of W' towards W (also makes the system well posed).
+      layers: regular expression over the "/"-joined module paths; matched layers must read the
+        text states (input width D).
+    """
+    sources, targets = np.asarray(sources), np.asarray(targets)
+    check_rows("sources", sources)
+    check(sources.shape == targets.shape and sources.shape[0] > 0,
+          f"sources {sources.shape} and targets {targets.shape} must be the same non-empty (rows, D).")
+    width = sources.shape[1]
+    preserved = np.zeros((0, width), np.float32) if preserved is None else np.asarray(preserved)
+    check_rows("preserved", preserved, width)
+    check(preserve_weight >= 0, f"preserve_weight={preserve_weight!r} is invalid (expected >= 0).")
+    kernels = text_keyed_kernels(params, layers)
+    check_reads_text(kernels, width)
+    factor = normal_matrix([gram(sources), preserve_weight * gram(preserved)], width, ridge)
+    # X = A^{-1} C^T (C* - C): the same (D, D) map for every layer; delta = X W.
+    x = scipy.linalg.cho_solve(factor, gram(sources, np.asarray(targets, np.float64) - sources))
+    return delta_tree({path: (x @ np.asarray(kernel, np.float64)).astype(np.float32)
+                       for path, kernel in kernels.items()})
+
+
+def edit_from_prompts(pipe, params: dict, edits: list[tuple[str, str]], preserved: list[str], *,
+                      preserve_weight: float = 1.0, ridge: float = 1e-3, layers: str = TEXT_KEYED) -> dict:
+    """`solve_edit` on the text states of `edits` [(source, target)] (target "" = the empty
+    prompt) and of the `preserved` prompts (may be empty) encoded by `pipe`'s text encoder(s)."""
+    sources, targets = prompt_states(pipe, [s for s, _ in edits], [t for _, t in edits])
+    kept = preserved_states(pipe, preserved) if preserved else None
+    return solve_edit(params, sources, targets, kept, preserve_weight=preserve_weight, ridge=ridge, layers=layers)
