@@ -20,10 +20,11 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from safealign_jax.errors import UserError
 
@@ -216,6 +217,16 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _as_numpy(state_folder: str) -> ocp.args.PyTreeRestore:
+    """Restore args reading the PyTree saved in `state_folder` as host numpy arrays.
+
+    No sharding from the checkpoint is used, so a state saved on any number of devices (or
+    processes) reads on any other, e.g. an 8-device training run on a 1-device machine.
+    """
+    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_folder)).tree
+    return ocp.args.PyTreeRestore(restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved))
+
+
 def read_trainable(path: str, step: int | None = None) -> dict:
     """The trainable tree of a finished or running training, for export / sampling / merging.
 
@@ -237,18 +248,17 @@ def read_trainable(path: str, step: int | None = None) -> dict:
     if step is None or step not in manager.all_steps():
         raise UserError(f"{path}: no checkpoint {'' if step is None else step} (found steps {list(manager.all_steps())}).")
     try:
-        with _without_late_read_noise(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # sharding read from the checkpoint: fine on one host
-            meta = manager.restore(step, args=ocp.args.Composite(
-                base_model=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()
+        with _without_late_read_noise():
+            restored = manager.restore(step, args=ocp.args.Composite(
+                base_model=ocp.args.JsonRestore(), config=ocp.args.JsonRestore(),
+                state=_as_numpy(os.path.join(path, str(step), "state")),
             ))
-            state = ocp.PyTreeCheckpointer().restore(os.path.join(path, str(step), "state"))
     except Exception as e:  # any read failure: a damaged checkpoint
         raise UserError(f"{path}/{step}: the checkpoint is damaged or incomplete ({_first_line(e)}); "
                         "pass an earlier one with --config.step.") from None
     return {
         "step": step,
-        "trainable": jax.device_get(state["trainable"]),
-        "config": meta["config"],
-        "base_model": meta["base_model"],
+        "trainable": restored["state"]["trainable"],
+        "config": restored["config"],
+        "base_model": restored["base_model"],
     }
