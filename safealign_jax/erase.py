@@ -26,6 +26,7 @@ import numpy as np
 import scipy.linalg
 from flax import traverse_util
 
+from safealign_jax.data.tables import column, is_malformed, read_csv
 from safealign_jax.errors import UserError, check
 from safealign_jax.merge.trees import TEXT_KEYED, Layer, delta_norm, delta_tree
 from safealign_jax.pipeline import encode_prompts
@@ -34,7 +35,8 @@ ENCODE_BATCH = 32  # prompts per text-encoder call (the last call is padded: one
 GRAM_CHUNK = 4096  # rows per float64 product when accumulating C^T C
 
 __all__ = ["TEXT_KEYED", "check_reads_text", "check_rows", "delta_norm", "edit_from_prompts", "gram",
-           "normal_matrix", "preserved_states", "prompt_states", "solve_edit", "text_keyed_kernels", "token_counts"]
+           "normal_matrix", "preserved_states", "prompt_states", "read_edits", "solve_edit", "text_keyed_kernels",
+           "token_counts"]
 
 
 def _states(pipe, prompts: Sequence[str]) -> np.ndarray:
@@ -176,3 +178,18 @@ def edit_from_prompts(pipe, params: dict, edits: list[tuple[str, str]], preserve
     sources, targets = prompt_states(pipe, [s for s, _ in edits], [t for _, t in edits])
     kept = preserved_states(pipe, preserved) if preserved else None
     return solve_edit(params, sources, targets, kept, preserve_weight=preserve_weight, ridge=ridge, layers=layers)
+
+
+def read_edits(path: str) -> list[tuple[str, str]]:
+    """[(source, target)] from a CSV with columns source,target (an empty target: erase toward the
+    empty prompt). UserError naming the file (and line) if it is missing, lacks a column, has a
+    malformed row or an empty source, or holds no edits."""
+    columns, rows = read_csv(path)
+    source, target = column(path, columns, ("source",), "source"), column(path, columns, ("target",), "target")
+    edits = []
+    for line, row in rows:
+        check(not is_malformed(row), f"{path}:{line}: row does not have the {len(columns)} fields {columns}.")
+        check(bool(row[source].strip()), f"{path}:{line}: empty source (expected a word, phrase or prompt).")
+        edits.append((row[source].strip(), row[target].strip()))
+    check(bool(edits), f"{path}: no edits (expected rows source,target).")
+    return edits

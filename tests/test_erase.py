@@ -1,13 +1,24 @@
 """Closed-form cross-attention editing (safealign_jax.erase): exact source -> target mapping when
 unconstrained, preserved outputs kept (exactly on a disjoint subspace, nearly with a large weight),
-a hand-computed 2x2 case, fold / SVD round trip, layer selection and its errors, and the token
-alignment of `prompt_states` on the tiny SD pipeline (equal and unequal token counts, "")."""
+a hand-computed 2x2 case, fold / SVD round trip, layer selection and its errors, the token
+alignment of `prompt_states` on the tiny SD pipeline (equal and unequal token counts, ""), and
+scripts/erase.py end to end (delta run folds and equals the library's edit; SVD run exports as a
+peft LoRA; one-line user errors)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flax import traverse_util
 
 from safealign_jax import UserError, erase, lora, merge
+from safealign_jax.trained import load_trained
+
+ROOT = Path(__file__).resolve().parents[1]
 
 D = 8
 KEYED = {("blk", "attn2", "to_k"), ("blk", "attn2", "to_v")}
@@ -119,12 +130,17 @@ def test_layer_selection_and_errors():
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+def pipeline_dir(tmp_path_factory) -> str:
     from pipelines import build_sd
 
+    return build_sd(tmp_path_factory.mktemp("erase"))
+
+
+@pytest.fixture(scope="module")
+def pipe(pipeline_dir):
     from safealign_jax.pipeline import load_pipeline
 
-    return load_pipeline(build_sd(tmp_path_factory.mktemp("erase")))
+    return load_pipeline(pipeline_dir)
 
 
 def test_prompt_states_alignment(pipe):
@@ -170,3 +186,72 @@ def test_edit_from_prompts_moves_the_concept_and_trades_off_preservation(pipe):
                                                    preserve_weight=w)) for w in (0.01, 100.0))
     assert loose[0] < tight[0] and tight[1] < loose[1]
     assert tight[1] < 0.05
+
+
+def script(name, config, workdir, *overrides):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, str(ROOT / f"scripts/{name}.py"), "--config", str(ROOT / config),
+                           f"--workdir={workdir}", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_erase_script_writes_a_run_that_folds_and_exports(pipe, pipeline_dir, tmp_path):
+    """~40 s on 2 cores (4 subprocesses): two edits, an SVD export as a peft LoRA, a user error."""
+    from safealign_jax.convert.lora_files import load_lora_file
+
+    (tmp_path / "edits.csv").write_text('source,target\ncat,dog\n"the cat",\n')
+    (tmp_path / "keep.txt").write_text("the\nthe dog\n")
+    files = [f"--config.model={pipeline_dir}", f"--config.edits={tmp_path / 'edits.csv'}",
+             f"--config.preserve={tmp_path / 'keep.txt'}", "--config.preserve_weight=0.5"]
+    result = script("erase", "configs/erase.py", tmp_path / "erase", *files)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["edits"], summary["preserved"], summary["form"]) == (2, 2, "delta")
+    run = load_trained(str(tmp_path / "erase"))
+    expected = erase.edit_from_prompts(pipe, pipe.unet_params, [("cat", "dog"), ("the cat", "")], ["the", "the dog"],
+                                       preserve_weight=0.5)
+    got, want = layers(run.delta), layers(expected)
+    assert got.keys() == want.keys() and len(got) == 8
+    for path, value in got.items():
+        np.testing.assert_allclose(value, want[path], rtol=1e-5, atol=1e-6)
+    assert summary["delta_norm"] == pytest.approx(erase.delta_norm(expected), rel=1e-5)
+    assert run.base_model["path"] == os.path.join(pipeline_dir, "unet")
+    folded = traverse_util.flatten_dict(run.folded(pipe.unet_params))
+    for path, value in got.items():
+        np.testing.assert_allclose(folded[(*path, "kernel")],
+                                   np.asarray(traverse_util.flatten_dict(pipe.unet_params)[(*path, "kernel")]) + value,
+                                   atol=1e-6)
+
+    result = script("erase", "configs/erase.py", tmp_path / "svd", *files, "--config.output.form=svd",
+                    "--config.output.rank=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["max_relative_error"] < 1
+    exported = script("export", "configs/export.py:peft", tmp_path / "peft", f"--config.checkpoint={tmp_path / 'svd'}")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    tree, rank, alpha = load_lora_file(str(tmp_path / "peft" / "lora.safetensors"), pipe.unet_params)
+    assert (rank, alpha) == (4, 4.0)
+    svd = traverse_util.flatten_dict(load_trained(str(tmp_path / "svd")).lora)
+    for path, value in traverse_util.flatten_dict(tree).items():
+        np.testing.assert_allclose(np.asarray(value), svd[path], rtol=1e-6)
+
+    (tmp_path / "bad.csv").write_text("prompt,target\ncat,dog\n")
+    result = script("erase", "configs/erase.py", tmp_path / "out", f"--config.model={pipeline_dir}",
+                    f"--config.edits={tmp_path / 'bad.csv'}")
+    assert result.returncode == 2 and "bad.csv: no source column" in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_read_edits(tmp_path):
+    (tmp_path / "edits.csv").write_text('source,target,note\nnudity,dress,x\n"a bloody knife", ,\n')
+    assert erase.read_edits(str(tmp_path / "edits.csv")) == [("nudity", "dress"), ("a bloody knife", "")]
+    cases = {"missing.csv": None, "bad.csv": "prompt,target\ncat,dog\n", "empty.csv": "source,target\n",
+             "blank.csv": "source,target\n ,dog\n", "short.csv": "source,target\ncat\n"}
+    messages = {"missing.csv": "missing.csv: file not found", "bad.csv": "bad.csv: no source column",
+                "empty.csv": "empty.csv: no edits", "blank.csv": "blank.csv:2: empty source",
+                "short.csv": "short.csv:2: row does not have the 2 fields"}
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match=messages[name]):
+            erase.read_edits(str(tmp_path / name))
