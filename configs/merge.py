@@ -1,9 +1,13 @@
 """Merging safety experts into one model (SPEC.md section 2). Presets = methods:
-comerge (default), linear, task_arithmetic, ties, dare.
+comerge (default), linear, task_arithmetic, ties, dare, fusion (least squares on the cross-attention
+key / value layers, keeping each expert's own concepts; the other layers by `fusion_rest`).
 
     python scripts/merge.py --config configs/merge.py:comerge --workdir runs/merged \
         --config.experts=runs/experts/experts --config.calibration.cache_dir=cache/coprov2 \
         [--config.output.form=svd --config.output.rank=4]
+    python scripts/merge.py --config configs/merge.py:fusion --workdir runs/fused \
+        --config.experts=runs/experts/experts --config.fusion_concepts=concepts.csv \
+        --config.fusion_preserve=keep.txt
 
 The result is a checkpoint (workdir/checkpoints/0) that scripts/export.py and scripts/sample.py
 accept like a trained LoRA: form "delta" keeps the full-rank merged delta (export format "unet"),
@@ -12,7 +16,7 @@ form "svd" re-factors it to a rank-`output.rank` LoRA (any export format).
 
 import ml_collections
 
-PRESETS = ("comerge", "linear", "task_arithmetic", "ties", "dare")
+PRESETS = ("comerge", "linear", "task_arithmetic", "ties", "dare", "fusion")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -28,6 +32,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.density = 0.2  # ties: fraction of each expert's entries kept (by magnitude, per layer)
     c.drop = 0.5  # dare: drop probability p (survivors rescaled by 1 / (1 - p))
     c.seed = 0  # dare masks
+    # comerge: each expert's input statistics from the SPEC's calibration set of all categories
+    # ("all"), or from its own training category's prompts ("own_category", its run's data.category)
+    c.statistics_from = "all"
+    c.fusion_concepts = ""  # fusion: CSV expert,phrase (each expert's concepts; expert = its folder name)
+    c.fusion_preserve = ""  # fusion: phrases whose base outputs are kept (.txt one per line, or .csv prompt)
+    c.fusion_preserve_weight = 1.0
+    c.fusion_ridge = 1e-3
+    c.fusion_rest = "linear"  # fusion: the layers that do not read text states: linear | comerge
 
     c.comerge = ml_collections.ConfigDict()
     c.comerge.granularity = "weight"  # weight | row (one expert per output row)

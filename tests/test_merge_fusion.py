@@ -128,3 +128,49 @@ def test_own_category_statistics_let_the_expert_of_the_larger_inputs_win():
     np.testing.assert_allclose(np.asarray(merged["l2"]["delta"]), np.asarray(l2_delta), rtol=1e-6)
     with pytest.raises(UserError, match="1 calibration batch lists for 2 experts"):
         merge.calibrate(apply, params, [small, large], None, [own_small])
+
+
+def test_merge_script_fusion(tmp_path):
+    """scripts/merge.py :fusion on two random LoRA experts of the tiny SD pipeline (~25 s): the
+    cross-attention key / value layers equal `merge.fuse` on the experts' phrases, the other
+    layers the average; the summary records the total norm."""
+    import json
+    import os
+
+    from pipelines import build_sd
+    from test_erase import script
+    from train_helper import tiny_config
+
+    from safealign_jax import erase
+    from safealign_jax.pipeline import load_pipeline
+    from safealign_jax.train.checkpoint import hash_folder
+    from safealign_jax.trained import load_trained, save_trained
+
+    pipe = load_pipeline(build_sd(tmp_path))
+    unet = str(tmp_path / "sd" / "unet")
+    config = tiny_config({"model.path": unet}).to_dict()
+    base = {"path": unet, "sha256": hash_folder(unet)}
+    trees = []
+    for i, name in enumerate(("hate", "violence")):
+        tree = lora.init(jax.random.key(i), pipe.unet_params, lora.LoRAConfig(rank=2))
+        tree = jax.tree.map(lambda x, k=i: x + 0.05 * jax.random.normal(jax.random.key(10 + k), x.shape), tree)
+        save_trained(str(tmp_path / "experts" / name), {"lora": tree}, config, base, step=1)
+        trees.append(tree)
+    (tmp_path / "concepts.csv").write_text("expert,phrase\nhate,the cat\nviolence,dog\nviolence,the dog\n")
+    (tmp_path / "keep.txt").write_text("the\n")
+    result = script("merge", "configs/merge.py:fusion", tmp_path / "fused", f"--config.experts={tmp_path / 'experts'}",
+                    f"--config.fusion_concepts={tmp_path / 'concepts.csv'}",
+                    f"--config.fusion_preserve={tmp_path / 'keep.txt'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    fused = flat(load_trained(str(tmp_path / "fused")).delta)
+    states = [erase.preserved_states(pipe, p) for p in (["the cat"], ["dog", "the dog"])]
+    keyed = flat(merge.fuse(pipe.unet_params, trees, states, erase.preserved_states(pipe, ["the"])))
+    average = flat(merge.linear(trees, [1.0, 1.0]))
+    assert fused.keys() == average.keys() and len(keyed) == 8
+    for path, value in fused.items():
+        np.testing.assert_allclose(value, keyed[path] if path in keyed else average[path], rtol=1e-5, atol=1e-6)
+    summary = json.loads((tmp_path / "fused" / "merge_summary.json").read_text())
+    assert summary["method"] == "fusion" and os.path.isdir(summary["checkpoint"])
+    assert summary["delta_norm"] == pytest.approx(merge.delta_norm(load_trained(str(tmp_path / "fused")).delta), rel=1e-6)
+    bad = script("merge", "configs/merge.py:fusion", tmp_path / "bad", f"--config.experts={tmp_path / 'experts'}")
+    assert bad.returncode == 2 and "fusion_concepts is empty" in bad.stderr, bad.stderr[-2000:]

@@ -23,7 +23,7 @@ model and their layers / shapes. scripts/merge.py drives all of this from config
 from safealign_jax.merge.calibration import STATISTICS, cache_batches, calibrate, unet_apply
 from safealign_jax.merge.comerge import GRANULARITIES, comerge
 from safealign_jax.merge.experts import expert_name, expert_paths, load_experts
-from safealign_jax.merge.fusion import combine, fuse
+from safealign_jax.merge.fusion import combine, fuse, read_concepts
 from safealign_jax.merge.methods import dare, linear, task_arithmetic, ties, trim
 from safealign_jax.merge.refactor import to_lora
 from safealign_jax.merge.trees import (
@@ -38,5 +38,5 @@ from safealign_jax.merge.trees import (
 __all__ = [
     "GRANULARITIES", "STATISTICS", "TEXT_KEYED", "cache_batches", "calibrate", "check_compatible",
     "check_same_base", "combine", "comerge", "dare", "delta_norm", "delta_tree", "expert_deltas", "expert_name",
-    "expert_paths", "fuse", "linear", "load_experts", "task_arithmetic", "ties", "to_lora", "trim", "unet_apply",
+    "expert_paths", "fuse", "linear", "load_experts", "read_concepts", "task_arithmetic", "ties", "to_lora", "trim", "unet_apply",
 ]

@@ -27,6 +27,7 @@ import numpy as np
 import scipy.linalg
 from flax import traverse_util
 
+from safealign_jax.data.tables import column, is_malformed, read_csv
 from safealign_jax.errors import check
 from safealign_jax.merge.trees import TEXT_KEYED, delta_tree, expert_deltas, layer_name
 
@@ -88,3 +89,21 @@ def combine(text_keyed: dict, rest: dict) -> dict:
     check(all(path[-1] == "delta" for path in flat),
           "combine: the other merge must be a delta tree {P: {'delta'}} (e.g. comerge's or linear's result).")
     return traverse_util.unflatten_dict({**flat, **traverse_util.flatten_dict(text_keyed)})
+
+
+def read_concepts(path: str, names: Sequence[str]) -> list[list[str]]:
+    """Per expert (in the order of `names`) its concept phrases, from a CSV with columns
+    expert,phrase. UserError naming the file if a column is missing, a row names an unknown expert
+    or an expert has no phrase."""
+    columns, rows = read_csv(path)
+    expert, phrase = column(path, columns, ("expert",), "expert"), column(path, columns, ("phrase",), "phrase")
+    phrases = {name: [] for name in names}
+    for line, row in rows:
+        check(not is_malformed(row), f"{path}:{line}: row does not have the {len(columns)} fields {columns}.")
+        name = row[expert].strip()
+        check(name in phrases, f"{path}:{line}: unknown expert {name!r} (the experts are {list(names)}).")
+        if row[phrase].strip():
+            phrases[name].append(row[phrase].strip())
+    for name, found in phrases.items():
+        check(bool(found), f"{path}: no phrase for expert {name!r} (fusion needs each expert's concepts).")
+    return [phrases[name] for name in names]
