@@ -7,6 +7,8 @@ Loading the results in diffusers:
     UNet2DConditionModel.from_pretrained("OUT/unet")                   # unet (or the pipeline OUT)
     pipe.load_ip_adapter("OUT", subfolder="", weight_name="psa_adapter.safetensors",
                          image_encoder_folder=None)                    # ip-adapter
+    PSAAdapter(pipe, psa_adapter_ckpt="OUT/psa_adapter.safetensors", ...)   # psalign (PSAlign's code)
+The adapter scale lambda is in both adapter files' metadata ("psa_scale").
 """
 
 import json
@@ -15,7 +17,7 @@ import os
 import numpy as np
 
 from safealign_jax import cli
-from safealign_jax.convert.adapter_files import save_ip_adapter
+from safealign_jax.convert.adapter_files import save_ip_adapter, save_psalign_adapter
 from safealign_jax.convert.checkpoint import read_config
 from safealign_jax.convert.lora_files import save_kohya_lora, save_peft_lora
 from safealign_jax.convert.unet_files import save_pipeline_folder, save_unet_folder
@@ -25,7 +27,7 @@ from safealign_jax.models.load import component_folder
 from safealign_jax.trained import load_trained
 
 CONFIG = cli.define_flags()
-FORMATS = ("peft", "kohya", "unet", "ip-adapter")
+FORMATS = ("peft", "kohya", "unet", "ip-adapter", "psalign")
 
 
 def base_folder(config, base_model: dict) -> str:
@@ -41,8 +43,8 @@ def main(config, workdir):
     check(config.format in FORMATS, f"--config.format={config.format!r} is unknown (expected one of {', '.join(FORMATS)}).")
     check(bool(config.checkpoint), "--config.checkpoint is empty: give the training workdir.")
     run = load_trained(config.checkpoint, None if config.step < 0 else config.step)
-    if config.format == "ip-adapter":
-        check(run.adapter is not None, f"{config.checkpoint}: the checkpoint holds no PSA adapter, so it cannot be exported as 'ip-adapter'.")
+    if config.format in ("ip-adapter", "psalign"):
+        check(run.adapter is not None, f"{config.checkpoint}: the checkpoint holds no PSA adapter, so it cannot be exported as {config.format!r}.")
     elif config.format in ("peft", "kohya"):
         check(run.lora is not None,
               f"{config.checkpoint}: the checkpoint holds {'a full-rank delta' if run.delta is not None else 'no LoRA'}, "
@@ -59,8 +61,10 @@ def main(config, workdir):
     else:
         folder = base_folder(config, run.base_model)
         _, params = load_unet(folder)
-        if config.format == "ip-adapter":
-            summary = save_ip_adapter(os.path.join(workdir, "psa_adapter.safetensors"), run.adapter, params, dtype=dtype)
+        if config.format in ("ip-adapter", "psalign"):
+            save = save_ip_adapter if config.format == "ip-adapter" else save_psalign_adapter
+            summary = save(os.path.join(workdir, "psa_adapter.safetensors"), run.adapter, params, dtype=dtype,
+                           scale=run.adapter_scale)
         else:
             folded = run.folded(params)
             if os.path.isfile(os.path.join(folder, "model_index.json")):

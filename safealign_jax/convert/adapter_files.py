@@ -11,7 +11,8 @@ An adapter with N user tokens (N in 1, 2, 4) is written with every token repeate
 attention over r identical keys/values equals attention over one of them, and LayerNorm is
 per token, so the diffusers model computes exactly the same output. N is kept in the metadata
 ("psa_num_tokens") so `load_ip_adapter` restores the N-token tree; files without it (ordinary
-IP-Adapters) are read with N = 4. The scale lambda is not stored (`pipe.set_ip_adapter_scale`).
+IP-Adapters) are read with N = 4. The scale lambda is stored in the metadata too ("psa_scale";
+`read_adapter_scale`), since diffusers takes it separately (`pipe.set_ip_adapter_scale`).
 """
 
 import re
@@ -25,6 +26,7 @@ from safealign_jax.errors import UserError, check
 
 DIFFUSERS_TOKENS = 4
 TOKENS_KEY = "psa_num_tokens"
+SCALE_KEY = "psa_scale"
 _GROUPS = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
 
@@ -53,13 +55,39 @@ def _cross_shapes(unet_params: dict) -> dict[tuple[str, ...], tuple[int, int]]:
     return {p: tuple(flat[(*p, "to_k", "kernel")].shape) for p in cross_attention_paths(unet_params)}
 
 
-def save_ip_adapter(path: str, adapter_tree: dict, unet_params: dict, dtype=np.float32) -> dict:
-    """Writes the adapter as a diffusers IP-Adapter file. Returns {"path", "keys", "tokens", "dtype"}.
+def _scale_metadata(scale: float) -> dict[str, str]:
+    scale = float(scale)
+    check(np.isfinite(scale), f"adapter scale lambda={scale!r} is not a finite number.")
+    return {SCALE_KEY: repr(scale)}
+
+
+def read_adapter_scale(path: str) -> float | None:
+    """The adapter scale lambda stored in a safetensors adapter file's metadata (IP-Adapter or
+    PSAlign layout, written here); None for files without it (use 1.0, the papers' value)."""
+    if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
+        return None
+    metadata = read_tensors(path)[1]
+    if SCALE_KEY not in metadata:
+        return None
+    try:
+        scale = float(metadata[SCALE_KEY])
+    except ValueError:
+        scale = float("nan")
+    check(np.isfinite(scale), f"{path}: metadata {SCALE_KEY}={metadata[SCALE_KEY]!r} is not a finite number.")
+    return scale
+
+
+def save_ip_adapter(
+    path: str, adapter_tree: dict, unet_params: dict, dtype=np.float32, scale: float = 1.0
+) -> dict:
+    """Writes the adapter as a diffusers IP-Adapter file, lambda = `scale` in its metadata.
+    Returns {"path", "keys", "tokens", "dtype", "scale"}.
 
     Load in PyTorch with `pipe.load_ip_adapter(folder, subfolder="", weight_name=file,
     image_encoder_folder=None)`, `pipe.set_ip_adapter_scale(lambda)`, then pass the (B, 1, E) user
     embedding as `ip_adapter_image_embeds=[...]` (pipeline) or `added_cond_kwargs={"image_embeds": [...]}`.
     """
+    metadata = _scale_metadata(scale)
     shapes = _cross_shapes(unet_params)
     attn = {p: v for p, v in _flat_attn(adapter_tree).items()}
     check(set(attn) == set(shapes), "the adapter's attention layers do not match the UNet's cross-attentions "
@@ -89,8 +117,9 @@ def save_ip_adapter(path: str, adapter_tree: dict, unet_params: dict, dtype=np.f
                                             f"expected {shapes[p]}.")
             tensors[f"ip_adapter.{key_id}.{name}.weight"] = value.T
     tensors = {k: v.astype(dtype) for k, v in tensors.items()}
-    write_safetensors(path, tensors, {"format": "pt", TOKENS_KEY: str(n)})
-    return {"path": path, "keys": len(tensors), "tokens": n, "dtype": np.dtype(dtype).name}
+    write_safetensors(path, tensors, {"format": "pt", TOKENS_KEY: str(n), **metadata})
+    return {"path": path, "keys": len(tensors), "tokens": n, "dtype": np.dtype(dtype).name,
+            "scale": float(scale)}
 
 
 def _flat_attn(adapter_tree: dict) -> dict[tuple[str, ...], dict]:
@@ -102,7 +131,8 @@ def _flat_attn(adapter_tree: dict) -> dict[tuple[str, ...], dict]:
 
 
 def load_ip_adapter(path: str, unet_params: dict) -> dict:
-    """Reads a diffusers IP-Adapter (ImageProjection) safetensors file as a PSA adapter tree.
+    """Reads a diffusers IP-Adapter (ImageProjection) safetensors file as a PSA adapter tree
+    (its lambda: `read_adapter_scale(path)`).
 
     Raises:
       UserError naming missing / foreign keys and shape mismatches in one message, or when the
@@ -160,8 +190,62 @@ def load_ip_adapter(path: str, unet_params: dict) -> dict:
 #   psa_adapter.<j>.to_k_user.0.weight / to_v_user.0.weight (inner, D)   j-th attn2 in processor order
 # `PSAAttnProcessor2_0` built with an int num_tokens holds ONE to_k_user / to_v_user and attends
 # to user token 0 only, so a file with N > 1 projected tokens acts as its first token alone: the
-# import keeps that token (an N = 1 tree with the same outputs).
+# import keeps that token (an N = 1 tree with the same outputs), and only N = 1 trees export.
 PSALIGN_PREFIXES = ("user_proj", "psa_adapter")
+
+
+def psalign_names(unet_params: dict) -> dict[tuple[str, ...], str]:
+    """{flat adapter-tree path: PSAlign file key}, the one table import and export share. File
+    tensors are the tree's arrays, 2-D ones transposed (PyTorch Linear weights)."""
+    names = {("proj", "kernel"): "user_proj.proj.weight", ("proj", "bias"): "user_proj.proj.bias",
+             ("norm", "scale"): "user_proj.norm.weight", ("norm", "bias"): "user_proj.norm.bias"}
+    for j, p in enumerate(processor_order(unet_params)):
+        for ours, theirs in (("to_k_ip", "to_k_user"), ("to_v_ip", "to_v_user")):
+            names[("attn", *p, ours)] = f"psa_adapter.{j}.{theirs}.0.weight"
+    return names
+
+
+def _psalign_shapes(unet_params: dict, embed: int, proj_outputs: int) -> dict[str, tuple[int, ...]]:
+    """{PSAlign file key: PyTorch shape} for the UNet, embedding width E and N * D projections."""
+    shapes = _cross_shapes(unet_params)
+    d = next(iter(shapes.values()))[0]
+    tree_shapes = {("proj", "kernel"): (embed, proj_outputs), ("proj", "bias"): (proj_outputs,),
+                   ("norm", "scale"): (d,), ("norm", "bias"): (d,)}
+    for p, shape in shapes.items():
+        tree_shapes[("attn", *p, "to_k_ip")] = tree_shapes[("attn", *p, "to_v_ip")] = shape
+    return {key: tree_shapes[path][::-1] for path, key in psalign_names(unet_params).items()}
+
+
+def save_psalign_adapter(
+    path: str, adapter_tree: dict, unet_params: dict, dtype=np.float32, scale: float = 1.0
+) -> dict:
+    """Writes an N = 1 adapter in the official PSAlign layout (above) as safetensors, lambda =
+    `scale` in its metadata. Returns {"path", "keys", "dtype", "scale"}.
+
+    Load in PyTorch with PSAlign's `PSAAdapter(pipe, psa_adapter_ckpt=file, ...)` and
+    `generate(..., scale=lambda)`.
+    """
+    metadata = _scale_metadata(scale)
+    d = int(adapter_tree["norm"]["scale"].shape[0])
+    embed, width = adapter_tree["proj"]["kernel"].shape
+    check(width == d, f"the adapter has {width / d:g} user tokens; PSAlign's attention processor reads "
+                      "user token 0 only, so only 1-token adapters can be exported in its layout "
+                      "(use format 'ip-adapter').")
+    flat = traverse_util.flatten_dict(adapter_tree)
+    names = psalign_names(unet_params)
+    check(set(flat) == set(names), "the adapter's layers do not match the UNet's cross-attentions "
+                                   f"(adapter {summarise(sorted('/'.join(p) for p in set(flat) - set(names)))}; "
+                                   f"UNet {summarise(sorted('/'.join(p) for p in set(names) - set(flat)))}).")
+    shapes = _psalign_shapes(unet_params, embed, width)
+    tensors = {}
+    for tree_path, key in names.items():
+        value = np.asarray(flat[tree_path], np.float32)
+        value = value.T if value.ndim == 2 else value
+        check(value.shape == shapes[key], f"adapter {'/'.join(tree_path)} gives {key} shape {value.shape}, "
+                                          f"expected {shapes[key]}.")
+        tensors[key] = value.astype(dtype)
+    write_safetensors(path, tensors, {"format": "pt", **metadata})
+    return {"path": path, "keys": len(tensors), "dtype": np.dtype(dtype).name, "scale": float(scale)}
 
 
 def _psalign_tensors(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
@@ -183,25 +267,20 @@ def _psalign_tensors(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
 
 
 def load_psalign_adapter(path: str, unet_params: dict, allow_pickle: bool = False) -> dict:
-    """Reads an official PSAlign adapter file (layout above) as a PSA adapter tree (N = 1).
+    """Reads an official PSAlign adapter file (layout above) as a PSA adapter tree (N = 1); its
+    lambda, when written by `save_psalign_adapter`: `read_adapter_scale(path)`.
 
     Raises:
       UserError naming missing / foreign keys and shape mismatches in one message.
     """
     tensors = _psalign_tensors(path, allow_pickle)
-    shapes = _cross_shapes(unet_params)
     proj = tensors.get("user_proj.proj.weight")
     check(proj is not None and proj.ndim == 2,
           f"{path}: no 2-D user_proj.proj.weight (not a PSAlign adapter file).")
-    d = next(iter(shapes.values()))[0]
+    d = next(iter(_cross_shapes(unet_params).values()))[0]
     check(proj.shape[0] % d == 0, f"{path}: user_proj.proj.weight has {proj.shape[0]} outputs, "
                                   f"not a multiple of the UNet's cross-attention width {d}.")
-    expected = {"user_proj.proj.weight": (proj.shape[0], proj.shape[1]), "user_proj.proj.bias": (proj.shape[0],),
-                "user_proj.norm.weight": (d,), "user_proj.norm.bias": (d,)}
-    order = processor_order(unet_params)
-    for j, p in enumerate(order):
-        for name in ("to_k_user", "to_v_user"):
-            expected[f"psa_adapter.{j}.{name}.0.weight"] = shapes[p][::-1]
+    expected = _psalign_shapes(unet_params, proj.shape[1], proj.shape[0])
     missing = sorted(set(expected) - set(tensors))
     foreign = sorted(set(tensors) - set(expected))
     mismatched = [f"{k} has shape {tuple(tensors[k].shape)}, expected {expected[k]}"
@@ -209,12 +288,10 @@ def load_psalign_adapter(path: str, unet_params: dict, allow_pickle: bool = Fals
     problems = key_problems(missing, foreign, mismatched, "key")
     if problems:
         raise UserError(f"{path}: not a PSAlign adapter for this UNet: " + "; ".join(problems) + ".")
-    attn = {}
-    for j, p in enumerate(order):
-        for ours, theirs in (("to_k_ip", "to_k_user"), ("to_v_ip", "to_v_user")):
-            attn[(*p, ours)] = tensors[f"psa_adapter.{j}.{theirs}.0.weight"].T.copy()
-    return {
-        "proj": {"kernel": proj[:d].T.copy(), "bias": tensors["user_proj.proj.bias"][:d].copy()},
-        "norm": {"scale": tensors["user_proj.norm.weight"].copy(), "bias": tensors["user_proj.norm.bias"].copy()},
-        "attn": traverse_util.unflatten_dict(attn),
-    }
+    flat = {}
+    for tree_path, key in psalign_names(unet_params).items():
+        value = tensors[key]
+        if tree_path[0] == "proj":  # N > 1 projected tokens: keep token 0 (see above)
+            value = value[:d]
+        flat[tree_path] = (value.T if value.ndim == 2 else value).copy()
+    return traverse_util.unflatten_dict(flat)
