@@ -23,13 +23,17 @@ class UNet2DConditionModel(nn.Module):
     config: the structure (from the checkpoint's config.json).
     dtype: compute dtype; param_dtype: parameter storage dtype.
     remat_policy: rematerialisation of each block in the backward pass: "none", "full",
-      "dots" or "dots_no_batch" (see `REMAT_POLICIES`).
+      "dots" or "dots_no_batch" (see `REMAT_POLICIES`). No policy saves attention scores: the
+      "chunked" path rematerialises them per query block, the fused kernels never keep them.
+    attention: the attention implementation, one of `attention.IMPLEMENTATIONS` ("auto":
+      cuDNN / Pallas flash where they apply, else the query-chunked path).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
+    attention: str = "auto"
 
     def _block(self, cls):
         if self.remat_policy not in REMAT_POLICIES:
@@ -73,6 +77,7 @@ class UNet2DConditionModel(nn.Module):
             upcast_attention=cfg.upcast_attention,
             groups=cfg.norm_num_groups,
             eps=cfg.norm_eps,
+            attention=self.attention,
             output_scale_factor=cfg.resnet_out_scale_factor,
             **kw,
         )

@@ -27,6 +27,7 @@ class _Block(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     output_scale_factor: float = 1.0
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -36,11 +37,11 @@ class _Block(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype, name=f"resnets_{i}",
         )
 
-    def attention(self, i: int, channels: int | None = None) -> Transformer2DModel:
+    def transformer(self, i: int, channels: int | None = None) -> Transformer2DModel:
         channels = channels or self.out_channels
         return Transformer2DModel(
             self.heads, channels // self.heads, self.transformer_layers, self.use_linear_projection,
-            self.upcast_attention, self.groups,
+            self.upcast_attention, self.groups, self.attention,
             dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{i}",
         )
 
@@ -56,7 +57,7 @@ class DownBlock(_Block):
         for i in range(self.num_layers):
             x = self.resnet(i)(x, temb)
             if self.has_attention:
-                x = self.attention(i)(x, context, user_tokens)
+                x = self.transformer(i)(x, context, user_tokens)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, self.dtype, self.param_dtype, name="downsamplers_0")(x)
@@ -71,7 +72,7 @@ class MidBlock(_Block):
     def __call__(self, x, temb, context, user_tokens=None):
         x = self.resnet(0)(x, temb)
         for i in range(self.num_layers):
-            x = self.attention(i)(x, context, user_tokens)
+            x = self.transformer(i)(x, context, user_tokens)
             x = self.resnet(i + 1)(x, temb)
         return x
 
@@ -87,7 +88,7 @@ class UpBlock(_Block):
             x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
             x = self.resnet(i)(x, temb)
             if self.has_attention:
-                x = self.attention(i)(x, context, user_tokens)
+                x = self.transformer(i)(x, context, user_tokens)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, self.dtype, self.param_dtype, name="upsamplers_0")(x)
         return x
