@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.flip = "none"  # source=cache: none | shared | independent (flips the cached latents)
     c.data.num_threads = 4  # source=cache: reader threads prefetching batches
     c.data.embeddings = ""  # source=sage_cache: folder of {user_id}.npy user embeddings
+    c.data.missing_embedding = "error"  # source=sage_cache: error | zeros (no {id}.npy: zero vector, as official PSA)
     c.data.resolution = 512  # pixels; latents are resolution // 8
     c.data.seq_len = 77
     c.data.latent_channels = 4

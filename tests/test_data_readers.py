@@ -10,7 +10,15 @@ import pytest
 import test_data_fixtures as F
 
 from safealign_jax import UserError
-from safealign_jax.data import categories, coprov2, eval_prompts, sage, users, validation
+from safealign_jax.data import (
+    categories,
+    coprov2,
+    eval_prompts,
+    sage,
+    sage_cache,
+    users,
+    validation,
+)
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +247,25 @@ def test_eval_prompt_missing_column_names_file_and_columns(tmp_path):
     F.write_csv(tmp_path / "q.csv", ["caption"], [["hello"]])
     with pytest.raises(UserError, match="no categories column"):
         eval_prompts.read_i2p(tmp_path / "q.csv")
+
+
+def test_sage_cache_missing_embedding_error_or_zeros(tmp_path):
+    """data.missing_embedding: "error" refuses a user without {id}.npy; "zeros" gives that user
+    the zero vector (the official PSA code's substitute); a bad file is an error either way."""
+    np.save(tmp_path / "0000001.npy", np.full(F.EMBED_DIM, 1.5, np.float32))
+    np.save(tmp_path / "0000003.npy", np.ones(F.EMBED_DIM + 1, np.float32))
+    ids = ["0000002", "0000001", "0000002"]
+    with pytest.raises(UserError) as error:
+        sage_cache.cache_embeddings(tmp_path, ids, F.EMBED_DIM)
+    message = str(error.value)
+    assert message.startswith("1 user(s) of the Sage cache have no usable embedding") and "\n" not in message
+    assert "0000002.npy" in message and "data.missing_embedding=zeros" in message
+    vectors = sage_cache.cache_embeddings(tmp_path, ids, F.EMBED_DIM, missing="zeros")
+    assert sorted(vectors) == ["0000001", "0000002"]
+    np.testing.assert_array_equal(vectors["0000001"], np.full(F.EMBED_DIM, 1.5, np.float32))
+    np.testing.assert_array_equal(vectors["0000002"], np.zeros(F.EMBED_DIM, np.float32))
+    assert vectors["0000002"].dtype == np.float32
+    with pytest.raises(UserError, match=r"0000003.npy: shape \(17,\)"):
+        sage_cache.cache_embeddings(tmp_path, ["0000001", "0000003"], F.EMBED_DIM, missing="zeros")
+    with pytest.raises(UserError, match="missing_embedding='skip' is not one of error, zeros"):
+        sage_cache.cache_embeddings(tmp_path, ids, F.EMBED_DIM, missing="skip")

@@ -1,6 +1,7 @@
 """The Sage latent cache for PSA training (scripts/prepare_data.py --config.kind=sage) on the Sage
 fixture and the tiny SD pipeline: records hold the chosen/rejected moments, caption states and user
-id; the trainer's source adds the user embeddings read at load time (missing ones: UserError),
+id; the trainer's source adds the user embeddings read at load time (missing ones: UserError,
+or the zero vector with missing_embedding="zeros"),
 resumes exactly, and trains the adapter."""
 
 import json
@@ -84,6 +85,22 @@ def test_user_without_embedding_is_refused(built, tmp_path):
         source(out, tmp_path / "emb")
     with pytest.raises(UserError, match="not a Sage latent cache"):
         source(tmp_path, root / "embeddings")
+
+
+def test_missing_embedding_zeros_gives_the_zero_vector(built, tmp_path):
+    """data.missing_embedding="zeros": a user without {id}.npy trains with the zero vector."""
+    _, _, out = built
+    (tmp_path / "emb").mkdir()
+    np.save(tmp_path / "emb" / "0000001.npy", np.full(F.EMBED_DIM, 1.0, np.float32))
+    it = source(out, tmp_path / "emb", missing_embedding="zeros")
+    seen = set()
+    for _ in range(2):
+        batch = next(it)
+        for record_id, vector in zip(it.last_ids(), batch["user_embedding"], strict=True):
+            user = record_id.split("_")[1]
+            np.testing.assert_array_equal(vector, np.full(F.EMBED_DIM, float(user == "0000001"), np.float32))
+            seen.add(user)
+    assert seen == {"0000001", "0000002"}
 
 
 def test_trains_the_adapter_from_the_cache(built, tmp_path):

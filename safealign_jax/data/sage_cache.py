@@ -15,7 +15,9 @@ Layout of `out_dir` (as `safealign_jax.data.cache`, format "safealign_sage_cache
 
 User embeddings are NOT cached: `SageCachedPairs` reads them from a folder of {user_id}.npy when
 training starts (so one cache serves embeddings from any LLM); a user of the cache without a
-usable embedding is a UserError.
+usable embedding is a UserError, except that with `missing_embedding="zeros"` a user without an
+embedding file gets the zero vector, as the official PSA code substitutes (unreadable, wrong-size
+or non-finite files stay errors).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from safealign_jax.data.images import decode_image
 from safealign_jax.errors import UserError
 
 FORMAT = "safealign_sage_cache/1"
+MISSING_EMBEDDING = ("error", "zeros")  # what a user without an {id}.npy file gets
 
 
 def read_records(split_dir, users_csv, policy: str = "fail") -> tuple[list[sage.SageRecord], dict]:
@@ -133,16 +136,22 @@ def open_sage_cache(cache_dir) -> tuple[dict, dict[str, np.ndarray]]:
     return metadata, cache.unpack((path / cache.EMPTY).read_bytes())
 
 
-def cache_embeddings(folder, user_ids, dim: int) -> dict[str, np.ndarray]:
+def cache_embeddings(folder, user_ids, dim: int, missing: str = "error") -> dict[str, np.ndarray]:
     """{user id: (dim,) float32} for every id of `user_ids`; any user without a usable
-    `{id}.npy` in `folder` (missing, unreadable, wrong size, not finite) is a UserError."""
+    `{id}.npy` in `folder` (missing, unreadable, wrong size, not finite) is a UserError, except
+    that `missing="zeros"` gives users without a file the zero vector."""
+    if missing not in MISSING_EMBEDDING:
+        raise UserError(f"missing_embedding={missing!r} is not one of {', '.join(MISSING_EMBEDDING)}.")
     report = validation.Report()
     vectors = sage.load_embeddings(folder, user_ids, dim, report)
-    if report.problems:
-        first = report.problems[0]
-        raise UserError(f"{len(report.problems)} user(s) of the Sage cache have no usable embedding in "
-                        f"{folder}, e.g. {first.file}: {first.detail}.")
-    return vectors
+    problems = [p for p in report.problems if missing == "error" or p.kind != "missing_embedding"]
+    if problems:
+        first = problems[0]
+        hint = (" (data.missing_embedding=zeros gives users without a file the zero vector)"
+                if first.kind == "missing_embedding" else "")
+        raise UserError(f"{len(problems)} user(s) of the Sage cache have no usable embedding in "
+                        f"{folder}, e.g. {first.file}: {first.detail}{hint}.")
+    return {u: vectors.get(u, np.zeros(dim, np.float32)) for u in sorted(set(user_ids))}
 
 
 class SageCachedExamples:
@@ -174,15 +183,17 @@ class SageCachedPairs:
     """The trainer's PSA batch source over a Sage cache (see safealign_jax/train/data.py): as
     `cache.CachedPairs` (seeded shuffle, per-process rows, latents drawn from the moments with a
     generator seeded by (seed, batch index, global row, image), exact resume), plus
-    "user_embedding" (B, E) float32 from the `embeddings` folder."""
+    "user_embedding" (B, E) float32 from the `embeddings` folder (`missing_embedding`: see
+    `cache_embeddings`)."""
 
     def __init__(self, cache_dir, embeddings, *, seed: int, global_rows: int, rows: slice,
-                 embed_dim: int = 3584, flip: str = "none", num_threads: int = 4, shard=None):
+                 embed_dim: int = 3584, flip: str = "none", num_threads: int = 4, shard=None,
+                 missing_embedding: str = "error"):
         from safealign_jax.data import loader
 
         examples = SageCachedExamples(cache_dir)
         meta = examples.metadata
-        self.vectors = cache_embeddings(embeddings, meta["user_ids"], embed_dim)
+        self.vectors = cache_embeddings(embeddings, meta["user_ids"], embed_dim, missing_embedding)
         self.seed, self.global_rows, self.rows = seed, global_rows, rows
         self.scale, self.shift, self.sdxl = meta["scaling_factor"], meta["shift_factor"], meta["sdxl"]
         self.resolution = meta["resolution"]

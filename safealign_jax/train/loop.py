@@ -52,7 +52,8 @@ def make_source(config, module, global_rows: int, rows: slice):
 
         source = SageCachedPairs(config.data.cache_dir, config.data.embeddings, seed=config.seed,
                                  global_rows=global_rows, rows=rows, embed_dim=config.psa.embed_dim,
-                                 flip=config.data.flip, num_threads=config.data.num_threads)
+                                 flip=config.data.flip, num_threads=config.data.num_threads,
+                                 missing_embedding=config.data.missing_embedding)
         if source.empty_embedding.shape[-1] != module.config.cross_attention_dim:
             raise UserError(f"--config.data.cache_dir={config.data.cache_dir}: text states of width "
                             f"{source.empty_embedding.shape[-1]}, but the UNet expects "
