@@ -1,0 +1,175 @@
+"""User-gated PSA: per-category weight deltas mixed per user by learned gates.
+
+    tree = {
+      "gate":    {"kernel": (E, C), "bias": (C,)},                     # g(u) = sigmoid(u W + b)
+      "experts": {<UNet Dense path>: {"a": (C, in, r), "b": (C, r, out)}},
+    }
+
+C = categories (one delta per banned category: a safety expert or a closed-form edit), E = user
+embedding width, r = the factor rank of that layer. For a user u the adapted layer computes
+
+    y = x W + sum_c g_c(u) (x a_c) b_c,
+
+per example inside `safealign_jax.models.layers.Dense` (the "lora" collection from `variables`),
+so a batch may mix users; `fold_for_user` merges one user's sum into the kernels for sampling.
+The factors come from the category delta trees {P: {"delta": (in, out)}} by truncated SVD
+(`init`); `category_deltas` goes back. The gate is a torch.nn.Linear(E -> C) followed by a
+sigmoid, which is how it is exported (`safealign_jax.convert.gated_files`).
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from safealign_jax import lora
+from safealign_jax.errors import UserError, check
+
+GATE_INIT_STD = 0.01  # std of the random gate kernel when `init` is given a key
+
+
+def _layer_deltas(category_deltas: Sequence[dict]) -> dict[tuple[str, ...], list[np.ndarray | None]]:
+    """{layer path: [delta (in, out) float64 or None per category]} over the union of paths."""
+    flats = []
+    for i, tree in enumerate(category_deltas):
+        flat = traverse_util.flatten_dict(tree)
+        bad = sorted("/".join(p) for p in flat if p[-1] != "delta")
+        if bad:
+            raise UserError(f"category {i}: {bad[0]} is not a 'delta' leaf (expected a delta tree "
+                            "{path: {'delta': (in, out)}}).")
+        flats.append({p[:-1]: np.asarray(v, np.float64) for p, v in flat.items()})
+    layers = {}
+    for path in sorted(set().union(*flats)):
+        values = [flat.get(path) for flat in flats]
+        shapes = {v.shape for v in values if v is not None}
+        check(len(shapes) == 1 and len(next(iter(shapes))) == 2,
+              f"{'/'.join(path)}: the categories' deltas have shapes {sorted(shapes)}, expected one (in, out).")
+        layers[path] = values
+    return layers
+
+
+def _factor(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Truncated SVD of delta (in, out) -> a (in, rank), b (rank, out), a b = best rank-`rank` fit."""
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    root = np.sqrt(s[:rank])
+    return u[:, :rank] * root, root[:, None] * vt[:rank]
+
+
+def init(category_deltas: Sequence[dict], embed_dim: int, *, rank: int | None = None,
+         init_bias: float = 0.0, key: jax.Array | None = None) -> dict:
+    """A gated tree (float32) from C category delta trees {P: {"delta": (in, out)}}.
+
+    Args:
+      category_deltas: one delta tree per category, in category order. A path missing from a
+        category gets a zero delta there.
+      embed_dim: E, the user-embedding width.
+      rank: factor rank r per layer (truncated SVD, capped at min(in, out)); None = exact
+        (r = min(in, out)).
+      init_bias: the gate bias b (every gate starts at sigmoid(init_bias) for all users when the
+        kernel is zero).
+      key: None = gate kernel zeros; else ~ N(0, GATE_INIT_STD^2).
+    """
+    check(len(category_deltas) >= 1, "gated PSA needs at least one category delta tree.")
+    check(embed_dim >= 1, f"gated PSA embed_dim={embed_dim} must be >= 1.")
+    check(rank is None or rank >= 1, f"gated PSA rank={rank} must be >= 1 (or None for exact).")
+    layers = _layer_deltas(category_deltas)
+    check(bool(layers), "the category delta trees are empty.")
+    count = len(category_deltas)
+    experts = {}
+    for path, values in layers.items():
+        fan_in, fan_out = next(v.shape for v in values if v is not None)
+        r = min(fan_in, fan_out) if rank is None else min(rank, fan_in, fan_out)
+        factors = [_factor(np.zeros((fan_in, fan_out)) if v is None else v, r) for v in values]
+        experts[(*path, "a")] = jnp.asarray(np.stack([a for a, _ in factors]), jnp.float32)
+        experts[(*path, "b")] = jnp.asarray(np.stack([b for _, b in factors]), jnp.float32)
+    kernel = jnp.zeros((embed_dim, count), jnp.float32)
+    if key is not None:
+        kernel = GATE_INIT_STD * jax.random.normal(key, (embed_dim, count), jnp.float32)
+    return {"gate": {"kernel": kernel, "bias": jnp.full((count,), init_bias, jnp.float32)},
+            "experts": traverse_util.unflatten_dict(experts)}
+
+
+def check_matches(tree: dict, params: dict, where: str) -> None:
+    """Raises UserError when a gated layer is not a Dense layer of `params` of the same shape."""
+    kernels = traverse_util.flatten_dict(params)
+    experts = traverse_util.flatten_dict(tree["experts"])
+    for path, a in experts.items():
+        if path[-1] == "a":
+            shape = (a.shape[1], experts[(*path[:-1], "b")].shape[2])
+            kernel = kernels.get((*path[:-1], "kernel"))
+            found = "absent" if kernel is None else f"its kernel is {tuple(kernel.shape)}"
+            check(kernel is not None and tuple(kernel.shape) == shape,
+                  f"{where}: layer {'/'.join(path[:-1])} {shape} is not a Dense layer of this UNet "
+                  f"({found}; another base model?).")
+
+
+def num_categories(tree: dict) -> int:
+    """C, the number of gated categories."""
+    return int(tree["gate"]["bias"].shape[0])
+
+
+def gates(tree: dict, embeddings: jax.Array) -> jax.Array:
+    """(B, E) user embeddings -> (B, C) gates sigmoid(e W + b), float32."""
+    kernel = tree["gate"]["kernel"]
+    embeddings = jnp.asarray(embeddings, jnp.float32)
+    if embeddings.ndim != 2 or embeddings.shape[1] != kernel.shape[0]:
+        raise UserError(f"gated PSA: user embeddings have shape {tuple(embeddings.shape)}, "
+                        f"expected (B, {kernel.shape[0]}).")
+    return jax.nn.sigmoid(jnp.dot(embeddings, kernel, precision=jax.lax.Precision.HIGHEST) + tree["gate"]["bias"])
+
+
+def variables(tree: dict, embeddings: jax.Array) -> dict:
+    """The "lora" collection for `UNet.apply` with per-example gates: {P: {"gated_a": (C, in, r),
+    "gated_b": (C, r, out), "gate": (B, C)}} for embeddings (B, E). A UNet batch of k * B rows
+    (e.g. [uncond; cond]) reuses row b's gates for rows b, B + b, ... (see `layers.Dense`)."""
+    g = gates(tree, embeddings)
+    flat = traverse_util.flatten_dict(tree["experts"])
+    out = {}
+    for path, a in flat.items():
+        if path[-1] == "a":
+            layer = path[:-1]
+            out[(*layer, "gated_a")] = a
+            out[(*layer, "gated_b")] = flat[(*layer, "b")]
+            out[(*layer, "gate")] = g
+    return traverse_util.unflatten_dict(out)
+
+
+def user_delta(tree: dict, embedding) -> dict:
+    """One user's full delta tree {P: {"delta": sum_c g_c(u) a_c b_c (in, out)}}, float32."""
+    g = gates(tree, jnp.asarray(embedding, jnp.float32).reshape(1, -1))[0]
+    flat = traverse_util.flatten_dict(tree["experts"])
+    return traverse_util.unflatten_dict({
+        (*path[:-1], "delta"): jnp.einsum("c,cir,cro->io", g, a, flat[(*path[:-1], "b")],
+                                          precision=jax.lax.Precision.HIGHEST)
+        for path, a in flat.items() if path[-1] == "a"})
+
+
+def fold_for_user(params: dict, tree: dict, embedding) -> dict:
+    """A copy of `params` with W + sum_c g_c(u) a_c b_c at every gated layer, for the user whose
+    embedding is `embedding` (E,): how one user is sampled and evaluated."""
+    return lora.fold_delta(params, user_delta(tree, embedding))
+
+
+def category_deltas(tree: dict) -> list[dict]:
+    """The C delta trees {P: {"delta": a_c b_c (in, out)}} the tree gates, in category order."""
+    flat = traverse_util.flatten_dict(tree["experts"])
+    products = {path[:-1]: jnp.einsum("cir,cro->cio", a, flat[(*path[:-1], "b")],
+                                      precision=jax.lax.Precision.HIGHEST)
+                for path, a in flat.items() if path[-1] == "a"}
+    return [traverse_util.unflatten_dict({(*p, "delta"): d[c] for p, d in products.items()})
+            for c in range(num_categories(tree))]
+
+
+def freeze_experts(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`optimizer` for a trainable tree {"gated": tree, ...} whose expert factors stay fixed: they
+    get zero updates and no optimizer state (no moments, no weight decay); the rest as before."""
+
+    def labels(trainable):
+        out = jax.tree.map(lambda _: "train", trainable)
+        out["gated"] = {**out["gated"], "experts": jax.tree.map(lambda _: "frozen", trainable["gated"]["experts"])}
+        return out
+
+    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
