@@ -9,6 +9,8 @@ Loading the results in diffusers:
                          image_encoder_folder=None)                    # ip-adapter
     PSAAdapter(pipe, psa_adapter_ckpt="OUT/psa_adapter.safetensors", ...)   # psalign (PSAlign's code)
 The adapter scale lambda is in both adapter files' metadata ("psa_scale").
+    pipe.load_lora_weights("OUT", weight_name=f"{c}.safetensors", adapter_name=c)   # gated, per
+    pipe.set_adapters(cats, adapter_weights=gates)     # category c (README "User-gated PSA")
 """
 
 import json
@@ -19,6 +21,7 @@ import numpy as np
 from safealign_jax import cli
 from safealign_jax.convert.adapter_files import save_ip_adapter, save_psalign_adapter
 from safealign_jax.convert.checkpoint import read_config
+from safealign_jax.convert.gated_files import save_gated
 from safealign_jax.convert.lora_files import save_kohya_lora, save_peft_lora
 from safealign_jax.convert.unet_files import save_pipeline_folder, save_unet_folder
 from safealign_jax.errors import check
@@ -27,7 +30,7 @@ from safealign_jax.models.load import component_folder
 from safealign_jax.trained import load_trained
 
 CONFIG = cli.define_flags()
-FORMATS = ("peft", "kohya", "unet", "ip-adapter", "psalign")
+FORMATS = ("peft", "kohya", "unet", "ip-adapter", "psalign", "gated")
 
 
 def base_folder(config, base_model: dict) -> str:
@@ -43,18 +46,24 @@ def main(config, workdir):
     check(config.format in FORMATS, f"--config.format={config.format!r} is unknown (expected one of {', '.join(FORMATS)}).")
     check(bool(config.checkpoint), "--config.checkpoint is empty: give the training workdir.")
     run = load_trained(config.checkpoint, None if config.step < 0 else config.step)
+    check(config.format == "gated" or run.gated is None,
+          f"{config.checkpoint}: a user-gated PSA run exports only as 'gated' (--config.format=gated).")
+    check(config.format != "gated" or run.gated is not None,
+          f"{config.checkpoint}: the checkpoint holds no user-gated PSA tree, so it cannot be exported as 'gated'.")
     if config.format in ("ip-adapter", "psalign"):
         check(run.adapter is not None, f"{config.checkpoint}: the checkpoint holds no PSA adapter, so it cannot be exported as {config.format!r}.")
     elif config.format in ("peft", "kohya"):
         check(run.lora is not None,
               f"{config.checkpoint}: the checkpoint holds {'a full-rank delta' if run.delta is not None else 'no LoRA'}, "
               f"which cannot be exported as {config.format!r} (use format 'unet', or merge with an SVD rank).")
-    else:
+    elif config.format == "unet":
         check(run.lora is not None or run.delta is not None,
               f"{config.checkpoint}: the checkpoint holds no LoRA or delta to fold into a UNet.")
     cli.output_folder(workdir)
     dtype = np.float16 if config.fp16 else np.float32
-    if config.format in ("peft", "kohya"):
+    if config.format == "gated":
+        summary = save_gated(workdir, run.gated, list(run.categories), dtype=dtype)
+    elif config.format in ("peft", "kohya"):
         save = save_peft_lora if config.format == "peft" else save_kohya_lora
         rank, alpha = run.config["lora"]["rank"], run.config["lora"]["alpha"]
         summary = save(os.path.join(workdir, "lora.safetensors"), run.lora, rank, alpha, dtype=dtype)

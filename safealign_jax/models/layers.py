@@ -6,6 +6,13 @@ paths of the params tree:
 
   {"a": (in, r), "b": (r, out)}  ->  y = x W + (x a) b        (scale already folded into b)
   {"delta": (in, out)}           ->  y = x W + x delta         (a merged full-rank delta)
+  {"gated_a": (C, in, r), "gated_b": (C, r, out), "gate": (G, C)}
+                                 ->  y[n] = x[n] W + sum_c gate[n % G, c] (x[n] a_c) b_c
+                                     (user-gated PSA, per example; see `safealign_jax.gated`)
+
+The gated rows: x (B, ..., in) with B = k G; example n uses gate row n % G, i.e. the gates are
+repeated as a block ([g; g; ...]), matching how the DPO loss ([x_w; x_l]) and the sampler
+([unconditional; conditional], `safealign_jax.pipeline`) concatenate their batches.
 
 so `module.apply({"params": base, "lora": lora_vars}, ...)` runs the adapted model and
 omitting "lora" runs the base (the DPO reference). See `safealign_jax.lora`.
@@ -55,11 +62,25 @@ class Dense(nn.Module):
             y = y + jnp.dot(jnp.dot(x, a), b)
         if self.has_variable(LORA, "delta"):
             y = y + jnp.dot(x, self.get_variable(LORA, "delta").astype(self.dtype))
+        if self.has_variable(LORA, "gated_a"):
+            y = y + self._gated_delta(x)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(
                 self.dtype
             )
         return y
+
+    def _gated_delta(self, x: jax.Array) -> jax.Array:
+        """sum_c gate[n % G, c] (x[n] a_c) b_c for x (B, ..., in), B a multiple of G."""
+        a = self.get_variable(LORA, "gated_a").astype(self.dtype)
+        b = self.get_variable(LORA, "gated_b").astype(self.dtype)
+        gate = self.get_variable(LORA, "gate")
+        if x.shape[0] % gate.shape[0]:
+            raise ValueError(f"Dense: batch {x.shape[0]} is not a multiple of the {gate.shape[0]} gate rows.")
+        gate = jnp.tile(gate, (x.shape[0] // gate.shape[0], 1)).astype(self.dtype)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        h = jnp.einsum("bti,cir->btcr", rows, a) * gate[:, None, :, None]
+        return jnp.einsum("btcr,cro->bto", h, b).reshape(*x.shape[:-1], b.shape[-1])
 
     def _sow_input_statistics(self, x: jax.Array) -> None:
         rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
