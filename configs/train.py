@@ -36,7 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.path = ""  # diffusers pipeline or unet/ folder; "" only for tiny (random UNet in-process)
     c.model.variant = ""  # weights variant, e.g. "fp16"
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (the UNet module dtype)
+    c.model.param_dtype = "float32"  # float32 | bfloat16: storage of the frozen base (LoRA/adapter stay fp32)
     c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+    c.model.attention = "auto"  # auto | xla | chunked | cudnn | pallas (safealign_jax.models.attention)
     c.model.prediction_type = "epsilon"  # used when the folder has no scheduler config
 
     c.lora = ml_collections.ConfigDict()
@@ -81,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.sample_prompts = "a photo of a cat|a city street at night|a portrait of a person"  # '|'-separated
     c.train.sample_steps = 25
     c.train.sample_guidance = 7.5
+    c.train.compilation_cache = ""  # persistent XLA compilation cache folder; "" = workdir/compilation_cache
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: fill with the remaining devices
@@ -129,8 +132,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif preset in ("sdxl", "psa_sdxl"):
         c.optim.name = "adafactor"
         c.model.remat_policy = "full"
-        c.model.compute_dtype = "bfloat16"
         c.data.resolution = 1024
+    if preset != "tiny":  # accelerator presets: bf16 compute and frozen base; fp32 LoRA, loss
+        c.model.compute_dtype = c.model.param_dtype = "bfloat16"
     if preset in ("sd15", "sd21", "sdxl"):
         c.data.both_captions = True
     if preset.startswith("psa_"):

@@ -1,11 +1,17 @@
 """The frozen base UNet of a run: loaded from `config.model.path`, or for the tiny preset a tiny
-random SD1-structured UNet built in-process. Also its content reference for checkpoints."""
+random SD1-structured UNet built in-process. Also its content reference for checkpoints.
+
+`config.model` fixes what the compiled step computes: compute_dtype (activations), param_dtype
+(storage of the frozen base weights), remat_policy and attention (see UNet2DConditionModel);
+configs written before a field existed get float32 / "none" / "auto".
+"""
 
 import os
 
 import jax
 import jax.numpy as jnp
 
+from safealign_jax.errors import check
 from safealign_jax.models import UNet2DConditionModel, UNetConfig, load_unet
 from safealign_jax.models.load import component_folder
 from safealign_jax.train import checkpoint
@@ -25,18 +31,29 @@ TINY_UNET = dict(
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _dtype(config, field: str):
+    name = config.model.get(field, "float32")  # configs saved before the field existed: float32
+    check(name in DTYPES, f"--config.model.{field}={name!r} is invalid (expected one of {list(DTYPES)}).")
+    return DTYPES[name]
+
+
+def unet_module(config, structure: UNetConfig) -> UNet2DConditionModel:
+    """The UNet of `structure` with the dtypes, remat policy and attention of `config.model`."""
+    return UNet2DConditionModel(structure, dtype=_dtype(config, "compute_dtype"),
+                                param_dtype=_dtype(config, "param_dtype"),
+                                remat_policy=config.model.get("remat_policy", "none"),
+                                attention=config.model.get("attention", "auto"))
+
+
 def load_base(config) -> tuple[UNet2DConditionModel, dict, dict]:
-    """(module, fp32 params, reference {"path", "sha256"}) of the frozen base UNet."""
-    dtype = DTYPES[config.model.compute_dtype]
+    """(module, params in model.param_dtype, reference {"path", "sha256"}) of the frozen base UNet."""
     if config.model.path:
-        module, params = load_unet(
-            config.model.path, dtype=dtype, variant=config.model.variant or None,
-            remat_policy=config.model.remat_policy,
-        )
+        module, params = load_unet(config.model.path, param_dtype=_dtype(config, "param_dtype"),
+                                   variant=config.model.variant or None)
         folder = os.path.abspath(component_folder(config.model.path, "unet"))
-        return module, params, {"path": folder, "sha256": checkpoint.hash_folder(folder)}
-    module = UNet2DConditionModel(UNetConfig(**TINY_UNET), dtype=dtype,
-                                  remat_policy=config.model.remat_policy)
+        return unet_module(config, module.config), params, {"path": folder,
+                                                             "sha256": checkpoint.hash_folder(folder)}
+    module = unet_module(config, UNetConfig(**TINY_UNET))
     inputs = module.dummy_inputs(size=4, seq_len=1)
     params = jax.jit(module.init)(jax.random.key(config.seed), *inputs)["params"]
     reference = {"path": f"<tiny random UNet, seed {config.seed}>",
