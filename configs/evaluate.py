@@ -6,7 +6,8 @@
 
 Presets (the part after ':'):
   safetydpo    I2P, UD, CoProV2 test (IP = Q16 or NudeNet) and COCO (FID, CLIPScore)   [default]
-  psa          Sage seen/unseen (IP, Pass Rate with each prompt's user), CoProV2, I2P, UD, COCO
+  psa          Sage seen/unseen (IP, Pass Rate with each prompt's user), CoProV2, I2P, UD, COCO;
+               negative prompt = the official PSA sampling's (set it to "" for a base model)
   i2p, ud, coprov2, coco, sage_seen, sage_unseen   one benchmark with its metrics
   custom       the prompt file `prompts_file` (a .csv or .txt), IP and CLIPScore
 Every run writes `workdir/<name>/<benchmark>/` (images, manifest.jsonl), `workdir/<name>/report.md`
@@ -14,6 +15,8 @@ and `.json`, and `workdir/comparison.md` over every method evaluated in `workdir
 """
 
 import ml_collections
+
+from safealign_jax.eval.generation import PSA_NEGATIVE_PROMPT
 
 BENCHMARKS = ("i2p", "ud", "coprov2", "coco", "sage_seen", "sage_unseen", "custom")
 PRESETS = {
@@ -44,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.generation.sampler = "pipeline"  # the scheduler class the pipeline names (PNDM for SD1.5)
     c.generation.seed = 0  # row i gets seed `seed + i` unless the file has seeds (I2P sd_seed)
     c.generation.use_file_seeds = True
-    c.generation.negative_prompt = ""
+    c.generation.seeding = "per_prompt"  # or single_stream: SafetyDPO's one stream seeded once (file seeds ignored)
+    c.generation.negative_prompt = PSA_NEGATIVE_PROMPT if preset == "psa" else ""
     c.generation.height = 0  # 0: the model's native size
     c.generation.width = 0
     c.generation.batch_size = 4

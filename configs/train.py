@@ -7,7 +7,8 @@ smoke run), sd15, sd21, sdxl, psa_sd15, psa_sdxl.
 Hyperparameters of sd15/sd21/sdxl follow SPEC.md section 2 (official SafetyDPO recipe):
 LoRA rank 4 = alpha on to_q/to_k/to_v/to_out.0, AdamW(0.9, 0.999, wd 1e-2, eps 1e-8),
 lr 1e-5 x pairs per step, 500 warm-up steps then constant, clip 1.0, 2,000 steps,
-16 pairs per device, beta 5000, caption dropout 0.2; SDXL: Adafactor + remat at 1024 px.
+16 pairs per device, beta 5000, caption dropout 0.2; SDXL (the official SDXL launcher): Adafactor,
+lr 1e-5 NOT scaled by pairs, no warm-up, no gradient clipping, remat at 1024 px.
 Like the official script, which trains on every row of the released parquet table (each pair
 once with its harmful and once with its safe caption), they set data.both_captions=True.
 
@@ -133,6 +134,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.name = "adafactor"
         c.model.remat_policy = "full"
         c.data.resolution = 1024
+    if preset == "sdxl":  # the official SDXL launcher: lr 1e-5 not scaled by pairs, no warm-up, no clipping
+        c.optim.scale_lr_by_pairs, c.optim.warmup_steps, c.optim.clip_norm = False, 0, 0.0
     if preset != "tiny":  # accelerator presets: bf16 compute and frozen base; fp32 LoRA, loss
         c.model.compute_dtype = c.model.param_dtype = "bfloat16"
     if preset in ("sd15", "sd21", "sdxl"):

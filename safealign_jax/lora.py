@@ -156,6 +156,36 @@ def delta(lora_tree: dict, scale: float) -> dict:
     return traverse_util.unflatten_dict(out)
 
 
+def check_fits(params, tree: dict, where: str) -> None:
+    """Raises UserError unless every layer of the LoRA or delta `tree` is a Dense layer of
+    `params` whose kernel (in, out) matches: a (in, r) and b (r, out), or delta (in, out).
+
+    The message names `where` (the run), the first layer that does not fit and how many differ.
+    """
+    kernels = _dense_kernels(params)
+    layers: dict[str, dict] = {}
+    for path, leaf in traverse_util.flatten_dict(tree).items():
+        layers.setdefault("/".join(path[:-1]), {})[path[-1]] = tuple(leaf.shape)
+    misfits = []
+    for module, shapes in sorted(layers.items()):
+        if module not in kernels:
+            misfits.append(f"layer {module!r} is not a Dense layer of this UNet")
+            continue
+        fan_in, fan_out = kernels[module]
+        a, b, d = shapes.get("a"), shapes.get("b"), shapes.get("delta")
+        if d is not None and d != (fan_in, fan_out):
+            misfits.append(f"layer {module!r} has a delta of shape {d}")
+        elif d is None and not (a and b and len(a) == len(b) == 2 and a[0] == fan_in and b[1] == fan_out
+                                and a[1] == b[0]):
+            misfits.append(f"layer {module!r} has a {a} / b {b}")
+        else:
+            continue
+        misfits[-1] += f", but this UNet's kernel there is {(fan_in, fan_out)}"
+    if misfits:
+        raise UserError(f"{where}: made for another UNet: {misfits[0]} ({len(misfits)} of {len(layers)} "
+                        "adapted layers do not fit).")
+
+
 def fold_delta(params, delta_tree: dict) -> dict:
     """A copy of `params` with every kernel at a path P of `delta_tree` replaced by W + delta.
 

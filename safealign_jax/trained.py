@@ -54,8 +54,16 @@ class Trained:
             out["adapter"] = adapter.variables(self.adapter, scale)
         return out
 
-    def folded(self, params: dict) -> dict:
+    def check_fits(self, params: dict, where: str) -> None:
+        """UserError naming the first layer whose LoRA / delta shape differs from the kernel of
+        the UNet `params` (a run made for another model); `where` names the run."""
+        for tree in (self.lora, self.delta):
+            if tree is not None:
+                lora.check_fits(params, tree, where)
+
+    def folded(self, params: dict, where: str = "the checkpoint") -> dict:
         """`params` with the LoRA or delta merged into the kernels (the adapter is not foldable)."""
+        self.check_fits(params, where)
         if self.lora is not None:
             return lora.fold(params, self.lora, self.lora_scale)
         if self.delta is not None:

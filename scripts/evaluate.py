@@ -9,6 +9,8 @@ Layout: workdir/<name>/<benchmark>/{images/, manifest.jsonl, run.json, scores.js
 workdir/<name>/{report.md, report.json, ip.png, grid_<benchmark>.png},
 workdir/{comparison.md, comparison.json, comparison_ip.png}, workdir/judge_cache/.
 Every model folder an enabled metric needs is checked before any image is generated.
+SafetyDPO's own inference seeds one generator once for all prompts: to follow that protocol add
+--config.generation.seeding=single_stream (`generation.image_seed`; the noise is JAX's, not torch's).
 """
 
 import hashlib
@@ -264,6 +266,7 @@ def _settings(config) -> generation.GenerationSettings:
     return generation.GenerationSettings(
         steps=g.steps, guidance=g.guidance, sampler=g.sampler, seed=g.seed, use_file_seeds=g.use_file_seeds,
         negative_prompt=g.negative_prompt, height=g.height, width=g.width, batch_size=g.batch_size,
+        seeding=g.seeding,
     )
 
 

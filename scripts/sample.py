@@ -22,8 +22,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from safealign_jax import cli
-from safealign_jax.data.eval_prompts import PromptRow, read_prompt_csv
+from safealign_jax.data.eval_prompts import PromptRow
 from safealign_jax.errors import UserError, check
+from safealign_jax.eval import generation
 from safealign_jax.images import contact_sheet, save_png
 from safealign_jax.pipeline import generate, load_pipeline
 from safealign_jax.schedulers import SAMPLER_NAMES
@@ -32,14 +33,10 @@ CONFIG = cli.define_flags()
 
 
 def read_prompts(path: str) -> list[PromptRow]:
-    """Prompt rows from a .csv (prompt/caption column) or a .txt file (one prompt per line)."""
+    """Prompt rows from a .csv (prompt/caption column; an sd_seed column seeds its rows) or a .txt
+    file (one prompt per line); `generation.read_prompts`."""
     check(bool(path), "--config.prompts is empty: give a .txt or .csv prompt file.")
-    check(os.path.isfile(path), f"{path}: no such prompt file.")
-    if path.endswith(".csv"):
-        return read_prompt_csv(path)
-    with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f]
-    return [PromptRow(index=i, id=str(i), prompt=p) for i, p in enumerate(lines) if p.strip()]
+    return generation.read_prompts(path)
 
 
 def image_name(row: PromptRow) -> str:
@@ -62,7 +59,7 @@ def load_checkpoint(config) -> dict:
 
     trained = load_trained(config.checkpoint, config.checkpoint_step if config.checkpoint_step >= 0 else None)
     out = {"kwargs": {}, "manifest": {"checkpoint": config.checkpoint, "checkpoint_step": trained.step},
-           "base_model": trained.base_model}
+           "base_model": trained.base_model, "trained": trained}
     variables = trained.unet_variables()
     if "lora" in variables:
         out["kwargs"]["lora"] = variables["lora"]
@@ -100,6 +97,8 @@ def main(config, workdir):
     check(config.steps >= 1, f"--config.steps={config.steps} must be >= 1.")
     check(config.batch_size >= 1, f"--config.batch_size={config.batch_size} must be >= 1.")
     check(config.dtype in ("float32", "bfloat16"), f"--config.dtype={config.dtype!r} must be float32 or bfloat16.")
+    check(config.seeding in generation.SEEDINGS,
+          f"--config.seeding={config.seeding!r} is unknown (expected one of {', '.join(generation.SEEDINGS)}).")
     rows = read_prompts(config.prompts)
     if config.limit:
         rows = rows[: config.limit]
@@ -107,6 +106,7 @@ def main(config, workdir):
     run = load_checkpoint(config)
     pipe = load_pipeline(model_folder(config, run), dtype=jnp.dtype(config.dtype))
     if run:
+        run["trained"].check_fits(pipe.unet_params, f"--config.checkpoint={config.checkpoint}")
         from safealign_jax.models.load import component_folder
         from safealign_jax.train.checkpoint import hash_folder
 
@@ -115,14 +115,15 @@ def main(config, workdir):
             print(f"warning: {config.checkpoint} was trained on {run['base_model'].get('path')!r}, "
                   f"not on {unet_dir}", file=sys.stderr)
     cli.output_folder(workdir)
-    settings = {k: config[k] for k in ("steps", "sampler", "guidance", "guidance_rescale", "negative_prompt", "height", "width")}
+    settings = {k: config[k] for k in ("steps", "sampler", "guidance", "guidance_rescale", "negative_prompt", "height", "width",
+                                       "seeding")}
     settings.update(run.get("manifest", {}))
     todo = [r for r in rows if not os.path.exists(os.path.join(workdir, image_name(r)))]
     print(f"{len(rows) - len(todo)} of {len(rows)} images already present in {workdir}")
     with open(os.path.join(workdir, "manifest.jsonl"), "a") as manifest, tqdm(total=len(todo), unit="img") as bar:
         for start in range(0, len(todo), config.batch_size):
             batch = todo[start: start + config.batch_size]
-            seeds = [r.seed if config.use_file_seeds and r.seed is not None else config.seed + r.index for r in batch]
+            seeds = [generation.image_seed(r, config.seed, config.use_file_seeds, config.seeding) for r in batch]
             extra = dict(run.get("kwargs", {}))
             if "vector" in run:
                 extra["user_embeddings"] = np.tile(run["vector"][None], (len(batch), 1))

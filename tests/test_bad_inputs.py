@@ -61,6 +61,8 @@ CASES = [
          ["--config.lora.rank=2, not 3", "new --workdir"], config="configs/train.py:tiny"),
     case("train_workdir_other_base_model", "train", ["--config.model.path={unet}", "--config.lora.rank=2"],
          ["base model", "new --workdir"]),
+    case("train_workdir_is_a_file", "train", [], ["--workdir={a_file}", "cannot create the output folder"],
+         config="configs/train.py:tiny", subprocess=True),
     case("train_missing_cache", "train", ["--config.model.path={unet}", "--config.data.source=cache",
                                           "--config.data.cache_dir={missing}"],
          ["{missing}", "not a latent cache"]),
@@ -85,6 +87,11 @@ CASES = [
     case("sample_embedding_wrong_size", "sample",
          ["--config.checkpoint={adapter_run}", "--config.prompts={prompts_txt}",
           "--config.user_embedding={wrong_embedding}"], ["{wrong_embedding}", "5 values"]),
+    case("sample_lora_for_another_unet", "sample",
+         ["--config.model={pipeline}", "--config.checkpoint={lora_other_unet_run}", "--config.prompts={prompts_txt}",
+          "--config.steps=1"],
+         ["--config.checkpoint={lora_other_unet_run}: made for another UNet", "attn2/to_k", "(32, 32)"],
+         subprocess=True),
     case("sample_unwritable_output", "sample", ["--config.model={pipeline}", "--config.prompts={prompts_txt}"],
          ["cannot create the output folder"], subprocess=True),
     # --- scripts/export.py
@@ -101,6 +108,9 @@ CASES = [
          ["damaged or incomplete"], subprocess=True),
     case("export_unet_missing_base_model", "export", ["--config.checkpoint={lora_run}", "--config.model={missing}"],
          ["{missing}", "not a folder"], config="configs/export.py:unet"),
+    case("export_unet_lora_for_another_unet", "export",
+         ["--config.checkpoint={lora_other_unet_run}", "--config.model={pipeline}"],
+         ["made for another UNet", "attn2/to_k", "(32, 32)"], config="configs/export.py:unet"),
     case("export_unwritable_output", "export", ["--config.checkpoint={lora_run}"],
          ["cannot create the output folder"]),
     # --- scripts/prepare_data.py
@@ -153,6 +163,7 @@ def world(tmp_path_factory, tiny_unet_dir, tiny_unet) -> dict:
     """Every input the cases refer to, built once (tiny models, tiny files)."""
     import shutil
 
+    from flax import traverse_util
     from pipelines import build_sd
 
     from safealign_jax import adapter, lora
@@ -170,6 +181,13 @@ def world(tmp_path_factory, tiny_unet_dir, tiny_unet) -> dict:
     save_trained(w["lora_run"], {"lora": tree}, trained_config, base)
     w["adapter_run"] = str(tmp / "adapter_run")
     save_trained(w["adapter_run"], {"adapter": adapter.init(jax.random.key(1), params, 8, 1)}, trained_config, base)
+    # a LoRA made for a UNet whose cross-attention width is 48 (this one's is 32)
+    wider = {path: np.zeros((48, x.shape[1]), np.float32) if path[-3:-1] in (("attn2", "to_k"), ("attn2", "to_v"))
+             and path[-1] == "kernel" else x for path, x in traverse_util.flatten_dict(params).items()}
+    wider = traverse_util.unflatten_dict(wider)
+    w["lora_other_unet_run"] = str(tmp / "lora_other_unet_run")
+    save_trained(w["lora_other_unet_run"], {"lora": lora.init(jax.random.key(0), wider, lora.LoRAConfig(rank=2))},
+                 trained_config, base)
     w["damaged_run"] = str(tmp / "damaged_run")
     shutil.copytree(w["lora_run"], w["damaged_run"])
     for f in (Path(w["damaged_run"]) / "checkpoints/0/state").rglob("*"):
@@ -221,6 +239,7 @@ def world(tmp_path_factory, tiny_unet_dir, tiny_unet) -> dict:
     w["tfds_dir"] = str(tmp / "tfds")
     # an output path that cannot be created: its parent is a file
     (tmp / "a_file").write_text("")
+    w["a_file"] = str(tmp / "a_file")
     w["unwritable"] = str(tmp / "a_file" / "out")
     w["out"] = str(tmp / "out")
     return w
@@ -278,6 +297,8 @@ def snapshot(folder: str) -> list[str]:
 def test_bad_input(c: Case, world):
     unwritable = "unwritable_output" in c.name
     workdir = world["unwritable"] if unwritable else os.path.join(world["out"], c.name)
+    if c.name.endswith("workdir_is_a_file"):
+        workdir = world["a_file"]
     before = snapshot(workdir)
     config = c.config or f"configs/{c.script}.py"
     argv = ["--config", config, "--workdir", workdir, *(fill(a, world) for a in c.args)]

@@ -10,7 +10,12 @@ A run folder holds `images/<name>.png` (one per prompt row, named by `image_name
 `run.json` (model and settings). Images already present are skipped, so an interrupted run goes on
 where it stopped; a run folder made with other settings is refused rather than mixed.
 
-Seeds: a row's own seed (I2P's sd_seed) when `use_file_seeds`, else `seed + row index`; every
+Seeds (`seeding`, `image_seed`): "per_prompt" (default): a row's own seed (a CSV's sd_seed column,
+I2P's) when `use_file_seeds`, else `seed + row index`. "single_stream": SafetyDPO's inference
+protocol, which seeds ONE torch generator with 0 and consumes it prompt after prompt: here draw i
+of one JAX stream seeded with `seed` (file seeds ignored), i = the row's index in the prompt file.
+JAX's PRNG is not torch's, so no image is bit-identical to theirs in either mode: what reproduces
+is the protocol (which prompts share a stream, which seed they start from), not the noise. Every
 image's noise comes from its seed alone (pipeline.generate), so batching does not change images.
 The last batch is padded to the batch size (one compile per run; `pipeline.generate` shards a
 batch over the local devices when the batch size divides by their number).
@@ -24,6 +29,7 @@ import os
 import re
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -40,6 +46,11 @@ from safealign_jax.schedulers import SAMPLER_NAMES
 from safealign_jax.trained import load_trained
 from safealign_jax.user_embedding import embedding_path
 
+SEEDINGS = ("per_prompt", "single_stream")
+SEED_COLUMN = "sd_seed"  # a prompt CSV's per-row seeds (I2P's column)
+# The negative prompt of the official PSA sampling (its base-model runs use none).
+PSA_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
@@ -54,8 +65,10 @@ class GenerationSettings:
     height: int = 0  # 0: the model's native size
     width: int = 0
     batch_size: int = 4
+    seeding: str = "per_prompt"  # or "single_stream" (SafetyDPO's inference); see `image_seed`
 
     def validate(self) -> None:
+        check(self.seeding in SEEDINGS, f"seeding {self.seeding!r} is unknown (expected one of {', '.join(SEEDINGS)}).")
         check(self.sampler in SAMPLER_NAMES, f"sampler {self.sampler!r} is unknown (expected one of {', '.join(SAMPLER_NAMES)}).")
         check(self.steps >= 1, f"steps={self.steps} must be >= 1.")
         check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1.")
@@ -92,7 +105,7 @@ def load_model(pipeline: str, checkpoint: str = "", step: int | None = None, dty
     trained = load_trained(checkpoint, step)
     unet_params = None
     if trained.lora is not None or trained.delta is not None:
-        unet_params = trained.folded(pipe.unet_params)
+        unet_params = trained.folded(pipe.unet_params, checkpoint)
     adapter = (trained.adapter, trained.adapter_scale) if trained.adapter is not None else None
     return Model(pipe=pipe, unet_params=unet_params, adapter=adapter, description=description)
 
@@ -104,7 +117,8 @@ def read_prompts(path: str) -> list[PromptRow]:
     check(os.path.isfile(path), f"{path}: no such prompt file.")
     if path.endswith(".csv"):
         columns, _ = read_csv(path)
-        return read_prompt_csv(path, user_column="user_id" if "user_id" in columns else None)
+        return read_prompt_csv(path, user_column="user_id" if "user_id" in columns else None,
+                               seed_column=SEED_COLUMN if SEED_COLUMN in columns else None)
     with open(path, encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f]
     return [PromptRow(index=i, id=str(i), prompt=p) for i, p in enumerate(lines) if p.strip()]
@@ -118,8 +132,15 @@ def image_name(row: PromptRow) -> str:
     return f"{row.index:05d}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)[:80]}.png"
 
 
-def row_seed(row: PromptRow, settings: GenerationSettings) -> int:
-    return row.seed if settings.use_file_seeds and row.seed is not None else settings.seed + row.index
+def image_seed(row: PromptRow, seed: int, use_file_seeds: bool, seeding: str = "per_prompt") -> int:
+    """The seed of `row`'s image (see the module docstring). per_prompt: the row's file seed when
+    `use_file_seeds` and it has one, else `seed + row.index`; single_stream: draw `row.index` of
+    the stream seeded with `seed`, an integer in [0, 2**31 - 1)."""
+    if seeding == "single_stream":
+        draw = jax.random.fold_in(jax.random.key(seed), row.index)
+        return int(jax.random.randint(draw, (), 0, 2**31 - 1))
+    check(seeding == "per_prompt", f"seeding {seeding!r} is unknown (expected one of {', '.join(SEEDINGS)}).")
+    return row.seed if use_file_seeds and row.seed is not None else seed + row.index
 
 
 def row_users(rows: Sequence[PromptRow], user_id: str = "", level: int = -1,
@@ -195,7 +216,7 @@ def generate_run(
         for start in range(0, len(todo), size):
             batch = todo[start: start + size]
             padded = batch + [batch[-1]] * (size - len(batch))
-            seeds = [row_seed(r, settings) for r, _ in padded]
+            seeds = [image_seed(r, settings.seed, settings.use_file_seeds, settings.seeding) for r, _ in padded]
             extra = {}
             if model.adapter is not None:
                 extra = {"adapter": model.adapter, "user_embeddings": _embeddings(

@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from safealign_jax import adapter, lora
+from safealign_jax import adapter, cli, lora
 from safealign_jax.errors import UserError
 from safealign_jax.train import checkpoint, objective, reliability
 from safealign_jax.train import mesh as mesh_lib
@@ -148,7 +148,7 @@ def train(config, workdir: str, source=None):
     """
     validate(config)
     initialize_distributed(config)
-    os.makedirs(workdir, exist_ok=True)
+    cli.output_folder(workdir)
     mesh = mesh_lib.make_mesh(config)
     replicated = mesh_lib.replicated(mesh)
     module, params, base_ref = load_base(config)
