@@ -57,6 +57,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 5000.0
     c.dpo.caption_dropout = 0.2
+    c.dpo.objective = "dpo"  # dpo (the paper's Diffusion-DPO, plus the terms below) | sft (baseline)
+    c.dpo.sft_weight = 0.0  # + w * denoising loss on the preferred image (same noise / t); 0 = off
+    c.dpo.preserve_weight = 0.0  # + w * mean (policy - reference)^2 on retain prompts; 0 = off
+    c.dpo.retain_prompts = ""  # preserve_weight > 0: .txt (one per line) or .csv ('prompt' column)
+    c.dpo.sdpo = False  # Diffusion-SDPO: scale the loser's gradient so the winner's error does not rise
+    c.dpo.sdpo_mu = 0.9  # its margin mu in [0, 1) (official launchers: 0.9 SD1.5, 0.6 SDXL)
+    c.dpo.noise_offset = 0.0  # noise += w * N(0, 1) per image and channel (official option)
+    c.dpo.input_perturbation = 0.0  # input noised with noise + w * N(0, I), target keeps noise
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # adamw | adafactor
@@ -119,6 +127,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.experts = ml_collections.ConfigDict()  # scripts/train_experts.py (SafetyDPO safety experts)
     c.experts.categories = ""  # comma-separated CoProV2 categories; "" = all seven
     c.experts.all_single = False  # also train the "all-single" baseline (one LoRA, all categories)
+    c.experts.all_single_steps = 0  # its steps; 0 = number of experts x train.steps (equal compute)
 
     if preset == "tiny":
         c.lora.rank, c.lora.alpha = 2, 2.0

@@ -7,7 +7,8 @@
 Expert <category> is a normal training workdir `workdir/experts/<slug>/` (e.g. experts/self_harm)
 trained by `safealign_jax.train.loop.train` with --config.data.category=<category>; with
 experts.all_single the "all-single" baseline (one LoRA on all categories) goes to
-`workdir/all_single/`. Rerunning resumes: a finished expert (its last checkpoint at
+`workdir/all_single/`, trained for as many steps as all the experts together (experts x
+train.steps, a fair comparison at equal compute) unless experts.all_single_steps > 0 sets them. Rerunning resumes: a finished expert (its last checkpoint at
 train.steps) is skipped, an interrupted one resumes from its checkpoints. Merge the experts with
 scripts/merge.py --config.experts=workdir/experts.
 """
@@ -25,13 +26,17 @@ from safealign_jax.train.loop import train
 CONFIG = cli.define_flags()
 
 
-def jobs(config) -> list[tuple[str, str]]:
-    """[(relative workdir, category ("" = all))] in training order."""
+def jobs(config) -> list[tuple[str, str, int]]:
+    """[(relative workdir, category ("" = all), steps)] in training order."""
     names = [c.strip() for c in config.experts.categories.split(",") if c.strip()]
     categories = [COPROV2.require(c, "--config.experts.categories") for c in names] or list(COPROV2.categories)
-    out = [(os.path.join("experts", slug(c)), c) for c in dict.fromkeys(categories)]
+    out = [(os.path.join("experts", slug(c)), c, config.train.steps) for c in dict.fromkeys(categories)]
     if config.experts.all_single:
-        out.append(("all_single", ""))
+        check(config.experts.all_single_steps >= 0,
+              f"--config.experts.all_single_steps={config.experts.all_single_steps} is invalid "
+              f"(expected an integer >= 0; 0 = experts x train.steps).")
+        steps = config.experts.all_single_steps or len(out) * config.train.steps
+        out.append(("all_single", "", steps))
     return out
 
 
@@ -50,15 +55,16 @@ def main(config, workdir):
           "--config.data.source=synthetic draws random pairs with no categories, so all experts would be "
           "the same; use --config.data.source=cache (a latent cache from scripts/prepare_data.py).")
     results = {}
-    for name, category in jobs(config):
+    for name, category, steps in jobs(config):
         run_dir = os.path.join(workdir, name)
-        if finished(run_dir, config.train.steps):
+        if finished(run_dir, steps):
             print(f"{name}: finished, skipped")
             results[name] = "skipped (finished)"
             continue
-        print(f"{name}: training on {category or 'all categories'}")
+        print(f"{name}: training on {category or 'all categories'} for {steps} steps")
         run_config = config.copy_and_resolve_references()
         run_config.data.category = category
+        run_config.train.steps = steps
         _, summary = train(run_config, run_dir)
         results[name] = summary.get("final", {})
     print(json.dumps(results, indent=2))

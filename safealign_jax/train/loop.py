@@ -97,6 +97,17 @@ def init_trainable(config, params) -> dict:
     return trainable
 
 
+def winner_warning(records: list[dict]) -> str | None:
+    """One warning line when the winner's error rose over the reference (mean `mse_w_diff` of
+    the logged `records` > 0, i.e. the DPO margin comes from the loser), else None."""
+    rises = [r["mse_w_diff"] for r in records if "mse_w_diff" in r]
+    if not rises or not np.mean(rises) > 0:
+        return None
+    return (f"warning: steps {records[0]['step']}-{records[-1]['step']}: winner's error rose by "
+            f"{np.mean(rises):.3g} over the reference: the margin comes from the loser; consider "
+            f"dpo.sft_weight / dpo.sdpo")
+
+
 class _Logger:
     """metrics.jsonl + TensorBoard + tqdm on process 0; nothing elsewhere."""
 
@@ -129,9 +140,12 @@ class _Logger:
         self.file.flush()
         if self.bar:
             last = records[-1]
-            self.bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['implicit_accuracy']:.2f}",
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('implicit_accuracy', np.nan):.2f}",
                                  pairs_s=f"{pairs_per_second:.1f}")
             self.bar.update(len(records))
+        message = winner_warning(records)
+        if message:
+            (self.bar.write if self.bar else print)(message)
 
     def close(self) -> None:
         for handle in (self.file, self.tb, self.bar):
@@ -147,7 +161,12 @@ def train(config, workdir: str, source=None):
     Returns (final TrainState, summary).
     """
     validate(config)
+    options = objective.options_from_config(config)
     initialize_distributed(config)
+    retain = None  # the preservation term's retain prompts, encoded once
+    if options.preserve_weight:
+        prompts = objective.read_retain_prompts(config.dpo.retain_prompts)
+        retain = objective.RetainPrompts.encode(config.model.path, prompts)
     cli.output_folder(workdir)
     mesh = mesh_lib.make_mesh(config)
     replicated = mesh_lib.replicated(mesh)
@@ -161,8 +180,9 @@ def train(config, workdir: str, source=None):
     params_sh = mesh_lib.param_shardings(params, mesh, config)
     params = mesh_lib.put_global(params, params_sh)
     batch_sh = mesh_lib.batch_sharding(mesh)
+    rows = mesh_lib.local_rows(batch_sh, global_pairs)
     if source is None:
-        source = make_source(config, module, global_pairs, mesh_lib.local_rows(batch_sh, global_pairs))
+        source = make_source(config, module, global_pairs, rows)
 
     ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints,
                                    config.train.async_checkpoints)
@@ -178,7 +198,8 @@ def train(config, workdir: str, source=None):
         reliability.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), first)
 
     schedule = objective.training_schedule(config.model.path, config.model.prediction_type)
-    loss_fn = objective.make_loss_fn(module, lora_cfg.scale, schedule, config.dpo.beta, config.psa.scale)
+    loss_fn = objective.make_loss_fn(module, lora_cfg.scale, schedule, config.dpo.beta, config.psa.scale,
+                                     options=options, kind=config.dpo.objective)
     step_fn = make_train_step(loss_fn, optimizer, config.dpo.caption_dropout)
     empty = getattr(source, "empty_embedding", None)  # the cached "" embedding, else zeros
     if empty is None:
@@ -194,7 +215,10 @@ def train(config, workdir: str, source=None):
     try:
         signals.install()
         for step in range(first, total):
-            batch = mesh_lib.global_batch(next(source), batch_sh, global_pairs)
+            local = next(source)
+            if retain is not None:
+                local = {**local, **retain.draw(config.seed, step, rows, global_pairs)}
+            batch = mesh_lib.global_batch(local, batch_sh, global_pairs)
             ids[step + 1] = reliability.batch_ids(source)
             if compiled is None:
                 start = time.perf_counter()

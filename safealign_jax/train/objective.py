@@ -11,6 +11,7 @@ too, so every pair keeps its user's embedding.
 import os
 
 import jax.numpy as jnp
+import numpy as np
 
 from safealign_jax import adapter, dpo, lora
 from safealign_jax.errors import UserError
@@ -54,12 +55,105 @@ def policy_collections(trainable: dict, batch: dict, lora_scale: float,
 
 
 def make_loss_fn(module, lora_scale: float, schedule: DDPMSchedule, beta: float,
-                 adapter_scale: float = 1.0):
+                 adapter_scale: float = 1.0, options: dpo.DPOOptions | None = None, kind: str = "dpo"):
     """loss_fn(trainable, params, batch, key) -> (loss, metrics) for `step.make_train_step`;
-    `trainable` = {"lora": LoRA tree} and/or {"adapter": PSA tree} (see `safealign_jax.trained`)."""
+    `trainable` = {"lora": LoRA tree} and/or {"adapter": PSA tree} (see `safealign_jax.trained`).
+    `kind`: "dpo" (`dpo.diffusion_dpo_loss` with `options`) or
+    "sft" (`dpo.diffusion_sft_loss`, the SFT baseline; only the noise options apply); options
+    None = the paper's loss."""
+    options = options or dpo.DPOOptions()
 
     def loss_fn(trainable, params, batch, key):
         collections, batch = policy_collections(trainable, batch, lora_scale, adapter_scale)
-        return dpo.diffusion_dpo_loss(module.apply, params, collections, batch, schedule, key, beta)
+        if kind == "sft":
+            return dpo.diffusion_sft_loss(module.apply, params, collections, batch, schedule, key, options)
+        return dpo.diffusion_dpo_loss(module.apply, params, collections, batch, schedule, key, beta, options)
 
     return loss_fn
+
+
+OBJECTIVES = ("dpo", "sft")
+
+
+def options_from_config(config) -> dpo.DPOOptions:
+    """`dpo.DPOOptions` of `config.dpo`, or a one-line UserError naming the bad field."""
+    d = config.dpo
+    for field, ok, expected in (
+        ("objective", d.objective in OBJECTIVES, f"one of {list(OBJECTIVES)}"),
+        ("sft_weight", d.sft_weight >= 0, "a number >= 0 (0 disables)"),
+        ("preserve_weight", d.preserve_weight >= 0, "a number >= 0 (0 disables)"),
+        ("sdpo_mu", 0 <= d.sdpo_mu < 1, "a number in [0, 1)"),
+        ("noise_offset", d.noise_offset >= 0, "a number >= 0 (0 disables)"),
+        ("input_perturbation", d.input_perturbation >= 0, "a number >= 0 (0 disables)"),
+        ("retain_prompts", bool(d.retain_prompts) or not d.preserve_weight,
+         "a prompt file (.txt, one per line, or .csv with a 'prompt' column) with dpo.preserve_weight > 0"),
+    ):
+        if not ok:
+            raise UserError(f"--config.dpo.{field}={d[field]!r} is invalid (expected {expected}).")
+    if d.objective == "sft" and (d.sft_weight or d.preserve_weight or d.sdpo):
+        raise UserError("--config.dpo.objective='sft' takes no dpo.sft_weight / dpo.preserve_weight / dpo.sdpo "
+                        "(they are terms of the DPO objective).")
+    return dpo.DPOOptions(sft_weight=float(d.sft_weight), preserve_weight=float(d.preserve_weight),
+                          sdpo=bool(d.sdpo), sdpo_mu=float(d.sdpo_mu), noise_offset=float(d.noise_offset),
+                          input_perturbation=float(d.input_perturbation))
+
+
+def read_retain_prompts(path: str) -> list[str]:
+    """The prompts of a retain-prompt file: a .csv with a `prompt` column, else one prompt per
+    line (blank lines skipped)."""
+    import csv
+
+    if not os.path.isfile(path):
+        raise UserError(f"--config.dpo.retain_prompts={path!r}: no such file.")
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.lower().endswith(".csv"):
+            reader = csv.DictReader(f)
+            if "prompt" not in (reader.fieldnames or ()):
+                raise UserError(f"--config.dpo.retain_prompts={path!r}: the CSV has no 'prompt' column "
+                                f"(columns: {reader.fieldnames}).")
+            prompts = [row["prompt"].strip() for row in reader]
+        else:
+            prompts = [line.strip() for line in f]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise UserError(f"--config.dpo.retain_prompts={path!r}: the file holds no prompts.")
+    return prompts
+
+
+RETAIN_STREAM = 0x7E7A1  # separates the retain-prompt draw from other host random streams
+
+
+class RetainPrompts:
+    """The retain prompts of the preservation term, encoded once: states (R, S, D) float32 and,
+    for SDXL, pooled (R, P) float32 (else None)."""
+
+    def __init__(self, states: np.ndarray, pooled: np.ndarray | None):
+        self.states, self.pooled = states, pooled
+
+    @classmethod
+    def encode(cls, model_path: str, prompts: list[str], chunk: int = 64) -> "RetainPrompts":
+        """Encodes `prompts` with the text encoder(s) of the pipeline folder holding `model_path`
+        (as the latent cache encodes its captions: `data.cache.load_encoders` / `encode_texts`)."""
+        from safealign_jax.data.cache import encode_texts, load_encoders
+        from safealign_jax.train.samples import pipeline_folder
+
+        folder = pipeline_folder(model_path)
+        if folder is None:
+            raise UserError(f"--config.dpo.preserve_weight > 0 encodes dpo.retain_prompts with the pipeline's "
+                            f"text encoders: --config.model.path={model_path!r} is not in a diffusers pipeline "
+                            f"folder (model_index.json).")
+        pipe = load_encoders(folder)
+        parts = [encode_texts(pipe, prompts[i:i + chunk]) for i in range(0, len(prompts), chunk)]
+        pooled = None if parts[0][1] is None else np.concatenate([p for _, p in parts])
+        return cls(np.concatenate([s for s, _ in parts]), pooled)
+
+    def draw(self, seed: int, step: int, rows: slice, global_rows: int) -> dict:
+        """This process's `rows` of one retain prompt per pair for global step `step` (0-based):
+        {"retain_hidden_states": (rows, S, D)[, "retain_text_embeds": (rows, P)]}. The draw
+        depends only on (seed, step), so every process, device layout and resumed run agrees."""
+        index = np.random.default_rng([seed, step, RETAIN_STREAM]).integers(0, len(self.states), global_rows)
+        index = index[rows]
+        out = {"retain_hidden_states": self.states[index]}
+        if self.pooled is not None:
+            out["retain_text_embeds"] = self.pooled[index]
+        return out
