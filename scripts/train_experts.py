@@ -8,9 +8,10 @@ Expert <category> is a normal training workdir `workdir/experts/<slug>/` (e.g. e
 trained by `safealign_jax.train.loop.train` with --config.data.category=<category>; with
 experts.all_single the "all-single" baseline (one LoRA on all categories) goes to
 `workdir/all_single/`, trained for as many steps as all the experts together (experts x
-train.steps, a fair comparison at equal compute) unless experts.all_single_steps > 0 sets them. Rerunning resumes: a finished expert (its last checkpoint at
-train.steps) is skipped, an interrupted one resumes from its checkpoints. Merge the experts with
-scripts/merge.py --config.experts=workdir/experts.
+train.steps: a fair comparison at equal compute) unless experts.all_single_steps > 0 sets them.
+Rerunning resumes: a finished run (its last checkpoint at its steps) is skipped, an interrupted
+one resumes from its checkpoints. Merge the experts with scripts/merge.py
+--config.experts=workdir/experts.
 """
 
 import json
