@@ -1,7 +1,9 @@
 """Side-by-side benchmark of our jitted Diffusion-DPO step and sampler against the PyTorch
-reference (diffusers + peft). Presets: tiny (CPU / CI size), sd15 (512 px), sdxl (1024 px).
+reference (diffusers + peft), and the compiled memory of the train step. Presets: tiny (CPU / CI
+size), sd15 (512 px), sdxl (1024 px).
 
     python scripts/benchmark.py --config configs/benchmark.py:tiny --workdir runs/bench
+    python scripts/benchmark.py --config configs/benchmark.py:sd15 --config.mode=memory --workdir runs/mem
 
 Random weights at the real UNet configs (nothing is downloaded): the UNet is built by diffusers,
 saved, and loaded by `load_unet`, so both sides run identical weights. See BENCHMARKS.md.
@@ -50,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"configs/benchmark.py:{preset}: unknown preset (expected one of {PRESETS}).")
     c = ml_collections.ConfigDict()
     c.preset = preset
+    c.mode = "compare"  # compare (both sides timed) | memory (XLA's memory analysis of our step only)
     c.seed = 0
     c.unet = dict(TINY_UNET)  # a diffusers UNet2DConditionModel config (random weights)
     c.resolution = 128  # pixels; latents are resolution // 8
@@ -58,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.compute_dtype = "float32"  # float32 | bfloat16 (JAX module dtype; torch autocast on GPU)
     c.remat_policy = "none"  # none | full | dots | dots_no_batch (torch: gradient checkpointing if not none)
-    c.attention = ""  # "" (XLA chooses) | xla | cudnn (jax.nn.dot_product_attention implementation)
+    c.attention = "auto"  # auto | xla | chunked | cudnn | pallas (safealign_jax.models.attention)
     c.lora_rank = 4  # alpha = rank; targets to_q, to_k, to_v, to_out.0
     c.beta = 5000.0
     c.learning_rate = 1e-5  # AdamW (0.9, 0.999, eps 1e-8, wd 1e-2), clip 1.0, both sides
@@ -71,9 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # beta of the parity loss: at 5000, one fp32 ulp of a per-image error (~6e-8) moves the
     # margin by 1.5e-4, so the loss itself could not agree to 1e-4 between any two fp32 programs.
     c.parity_beta = 100.0
-    # each phase in its own process: clean peak-memory figures, and on CPU torch's threads
-    # otherwise compete with XLA's in one process (torch ran 8-27x slower in-process)
+    # each side in its own worker process, all pinned to the same CPUs, timed repeats alternating
+    # between the sides (on CPU torch's threads otherwise compete with XLA's in one process)
     c.isolate = True
+    c.threads = 0  # CPUs both sides are pinned to (the first n of this process's); 0 = all
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.enabled = True  # images/s of our pipeline vs diffusers' (DDIM, CFG)
@@ -85,7 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampling.text_2 = {}  # SDXL: the second (projection) encoder
     c.sampling.vae = dict(TINY_VAE)
 
-    c.peak_matmul_size = 2048  # n of the n x n x n matmul that measures the device's peak
+    c.peak_matmul_size = 2048  # n of the fp32 matmul that measures the peak where no datasheet applies
+    # mode=memory: the train step of configs/train.py:<preset> at this many pairs per device
+    c.memory_pairs_per_device = 2
 
     if preset == "tiny":
         c.seq_len = 8
@@ -98,6 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.sampling.steps, c.sampling.batch = 50, 4
         c.sampling.text, c.sampling.vae = dict(CLIP_L), dict(SD_VAE)
         c.peak_matmul_size = 8192
+        c.memory_pairs_per_device = 16  # the SafetyDPO recipe
     else:
         c.unet = dict(SDXL_UNET)
         c.resolution, c.pairs = 1024, 1
@@ -107,4 +114,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.sampling.text, c.sampling.text_2 = dict(CLIP_L), dict(CLIP_G)
         c.sampling.vae = dict(SD_VAE)
         c.peak_matmul_size = 8192
+        c.memory_pairs_per_device = 4
     return c
