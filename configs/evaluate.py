@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint = ""  # optional training / merge workdir (LoRA, merged delta or PSA adapter)
     c.step = -1  # checkpoint step (-1: latest)
     c.dtype = "float32"  # or bfloat16
+    c.attention = "auto"  # the UNet's attention: auto | xla | chunked | cudnn | pallas (models.attention)
     c.benchmarks = PRESETS[preset]  # comma-separated names of BENCHMARKS
     c.prompts_dir = "../shared/data/eval_prompts"  # the released prompt files (data/README.md)
     c.prompts_file = ""  # benchmark "custom": a .csv (prompt/caption column) or .txt file

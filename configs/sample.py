@@ -47,5 +47,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.width = 0
     config.batch_size = 4
     config.dtype = "float32"  # or bfloat16
+    config.attention = "auto"  # the UNet's attention: auto | xla | chunked | cudnn | pallas (models.attention)
     config.contact_sheet_max = 64  # images on the contact sheet
     return config
