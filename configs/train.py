@@ -17,7 +17,8 @@ Sage (data.source=sage_cache + data.embeddings), beta 5000, fp32 adapter weights
 lr 5e-6 (not scaled by pairs), 500 warm-up, 192 pairs per update (24 per device on 8 devices:
 keep pairs_per_device x devices x grad_accum = 192), 5,000 updates. SDXL: Adafactor, remat,
 1024 px, 128 pairs per update (16 per device on 8 devices). psa.train_lora=True also trains a
-SafetyDPO LoRA together with the adapter.
+SafetyDPO LoRA together with the adapter. psa.variant=gated trains user gates over per-category
+deltas instead (psa.gated.experts: one LoRA / delta run per category; README "User-gated PSA").
 """
 
 import ml_collections
@@ -53,6 +54,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.psa.num_tokens = 1  # N: user tokens
     c.psa.scale = 1.0  # lambda of the user branch
     c.psa.train_lora = False  # also train a LoRA (config lora) with the adapter
+    c.psa.variant = "adapter"  # adapter (the paper's user cross-attention) | gated (safealign_jax.gated)
+    c.psa.gated = ml_collections.ConfigDict()  # variant=gated: per-category deltas x gates sigmoid(W u + b)
+    c.psa.gated.experts = ""  # comma-separated run folders (LoRA or delta runs), one per category, in order
+    c.psa.gated.categories = ""  # comma-separated category names, same order ("" = the folder names)
+    c.psa.gated.rank = 0  # SVD factor rank per layer (0 = exact, min(in, out); LoRA experts: their rank is exact)
+    c.psa.gated.init_bias = 0.0  # gate bias b at the start (gates sigmoid(b) for every user)
+    c.psa.gated.train_experts = False  # False: only W, b train; True: the category factors too
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 5000.0

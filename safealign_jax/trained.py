@@ -5,6 +5,9 @@ or more of these entries:
     "lora":    LoRA tree {P: {"a": (in, r), "b": (r, out)}}; scale = config lora.alpha / lora.rank
     "delta":   full-rank delta tree {P: {"delta": (in, out)}} (a merge kept at full rank)
     "adapter": PSA adapter tree (see `safealign_jax.adapter`); lambda = config psa.scale (1.0)
+    "gated":   user-gated PSA tree (see `safealign_jax.gated`); category names from config
+               psa.gated.categories (else the expert folder names). It depends on the user, so
+               it is used through `folded_for_user(params, embedding)`, not `unet_variables`.
 
     trained = load_trained("runs/expert_hate")          # a workdir, checkpoints/ or checkpoints/<step>
     out = unet.apply({"params": params, **trained.unet_variables()}, ...)
@@ -18,11 +21,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from safealign_jax import adapter, lora
+from safealign_jax import adapter, gated, lora
 from safealign_jax.errors import UserError, check
 from safealign_jax.train.checkpoint import read_trainable
 
-KINDS = ("lora", "delta", "adapter")
+KINDS = ("lora", "delta", "adapter", "gated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +40,17 @@ class Trained:
     adapter_scale: float
     config: dict
     base_model: dict  # {"path", "sha256"} of the frozen base the trees were trained on
+    gated: dict | None = None
+    categories: tuple[str, ...] = ()  # the gated tree's categories, in gate order
 
     def unet_variables(self, adapter_scale: float | None = None) -> dict:
         """Extra collections for `UNet.apply`: "lora" (LoRA or delta) and "adapter" if present.
 
         The adapter's collection only acts when the UNet is also given `user_tokens`
-        (`adapter.user_tokens(trained.adapter, embeddings)`).
+        (`adapter.user_tokens(trained.adapter, embeddings)`). A gated run raises (use
+        `folded_for_user`, or `gated.variables(trained.gated, embeddings)` for mixed users).
         """
+        self._refuse_gated("unet_variables")
         out = {}
         if self.lora is not None:
             out["lora"] = lora.variables(self.lora, self.lora_scale)
@@ -63,12 +70,31 @@ class Trained:
 
     def folded(self, params: dict, where: str = "the checkpoint") -> dict:
         """`params` with the LoRA or delta merged into the kernels (the adapter is not foldable)."""
+        self._refuse_gated("folded")
         self.check_fits(params, where)
         if self.lora is not None:
             return lora.fold(params, self.lora, self.lora_scale)
         if self.delta is not None:
             return lora.fold_delta(params, self.delta)
         return params
+
+    def folded_for_user(self, params: dict, embedding) -> dict:
+        """`params` with a gated run's sum_c g_c(u) a_c b_c merged in for the user embedding (E,)."""
+        check(self.gated is not None, "folded_for_user needs a user-gated PSA run (psa.variant=gated).")
+        return gated.fold_for_user(params, self.gated, embedding)
+
+    def _refuse_gated(self, method: str) -> None:
+        check(self.gated is None, f"Trained.{method}: a user-gated PSA run depends on the user; "
+                                  "use folded_for_user(params, embedding).")
+
+
+def _categories(config: dict, count: int) -> tuple[str, ...]:
+    """The gated categories named by the config (psa.gated.categories, else the expert folders)."""
+    g = config.get("psa", {}).get("gated", {})
+    names = [n.strip() for n in g.get("categories", "").split(",") if n.strip()]
+    if not names:
+        names = [os.path.basename(os.path.normpath(f.strip())) for f in g.get("experts", "").split(",") if f.strip()]
+    return tuple(names) if len(names) == count else tuple(f"category_{c}" for c in range(count))
 
 
 def _scales(config: dict) -> tuple[float, float]:
@@ -85,10 +111,15 @@ def from_tree(trainable: dict, config: dict, base_model: dict, step: int = 0, wh
           f"expected some of {KINDS}.")
     check(not ("lora" in trainable and "delta" in trainable),
           f"{where}: holds both a LoRA and a full delta; fold one into the base first.")
+    check(not ("gated" in trainable and len(trainable) > 1),
+          f"{where}: holds a gated PSA tree with {sorted(set(trainable) - {'gated'})}; a gated run holds it alone.")
     lora_scale, adapter_scale = _scales(config)
+    tree = trainable.get("gated")
+    categories = _categories(config, gated.num_categories(tree)) if tree is not None else ()
     return Trained(step=step, lora=trainable.get("lora"), lora_scale=lora_scale,
                    delta=trainable.get("delta"), adapter=trainable.get("adapter"),
-                   adapter_scale=adapter_scale, config=config, base_model=base_model)
+                   adapter_scale=adapter_scale, config=config, base_model=base_model,
+                   gated=tree, categories=categories)
 
 
 def load_trained(path: str, step: int | None = None) -> Trained:

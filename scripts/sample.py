@@ -4,10 +4,10 @@
         --config.model=PIPELINE --config.prompts=PROMPTS.csv [--config.steps=50 ...]
 
 With a trained or merged run (`--config.checkpoint=RUN`, read by `trained.load_trained`): its LoRA
-or full delta is applied; a PSA adapter needs a user (`--config.user_id` + `--config.embeddings`,
-`--config.level` 0..5 + `--config.users` + `--config.embeddings`, or `--config.user_embedding`
-FILE.npy; see `safealign_jax.psa_users`). `--config.model` defaults to the pipeline holding the
-run's base UNet. Images already in OUT are skipped, so an interrupted run continues where it
+or full delta is applied; a PSA adapter, or a user-gated PSA run (folded for that user), needs a
+user (`--config.user_id` + `--config.embeddings`, `--config.level` 0..5 + `--config.users` +
+`--config.embeddings`, or `--config.user_embedding` FILE.npy; see `safealign_jax.psa_users`).
+`--config.model` defaults to the pipeline holding the run's base UNet. Images already in OUT are skipped, so an interrupted run continues where it
 stopped (one user per OUT).
 """
 
@@ -54,12 +54,16 @@ def load_checkpoint(config) -> dict:
     if not config.checkpoint:
         check(not user_options, "--config.user_id/level/user_embedding need a PSA --config.checkpoint.")
         return {}
-    from safealign_jax.psa_users import resolve_user_embedding
     from safealign_jax.trained import load_trained
 
     trained = load_trained(config.checkpoint, config.checkpoint_step if config.checkpoint_step >= 0 else None)
     out = {"kwargs": {}, "manifest": {"checkpoint": config.checkpoint, "checkpoint_step": trained.step},
            "base_model": trained.base_model, "trained": trained}
+    if trained.gated is not None:
+        user_id, vector = _resolve_user(config, int(trained.gated["gate"]["kernel"].shape[0]), "user-gated PSA run")
+        out["fold"] = lambda params: trained.folded_for_user(params, vector)
+        out["manifest"].update(user_id=user_id, level=config.level, categories=list(trained.categories))
+        return out
     variables = trained.unet_variables()
     if "lora" in variables:
         out["kwargs"]["lora"] = variables["lora"]
@@ -67,18 +71,24 @@ def load_checkpoint(config) -> dict:
         check(not user_options, f"--config.checkpoint={config.checkpoint} has no PSA adapter, "
                                 "so --config.user_id/level/user_embedding do not apply.")
         return out
-    try:
-        user_id, vector = resolve_user_embedding(
-            user_id=str(config.user_id), level=config.level, users=config.users, center_users=config.center_users,
-            embeddings=config.embeddings, user_embedding=config.user_embedding,
-            embed_dim=int(trained.adapter["proj"]["kernel"].shape[0]))
-    except UserError as error:
-        raise UserError(f"--config.checkpoint={config.checkpoint} holds a PSA adapter: {error}") from None
+    user_id, vector = _resolve_user(config, int(trained.adapter["proj"]["kernel"].shape[0]), "PSA adapter")
     scale = trained.adapter_scale if config.adapter_scale < 0 else config.adapter_scale
     out["kwargs"]["adapter"] = (trained.adapter, scale)
     out["vector"] = vector
     out["manifest"].update(user_id=user_id, level=config.level, adapter_scale=scale)
     return out
+
+
+def _resolve_user(config, embed_dim: int, holds: str) -> tuple[str, np.ndarray]:
+    """(user id, embedding (E,)) of the --config.user_id/level/user_embedding options."""
+    from safealign_jax.psa_users import resolve_user_embedding
+
+    try:
+        return resolve_user_embedding(
+            user_id=str(config.user_id), level=config.level, users=config.users, center_users=config.center_users,
+            embeddings=config.embeddings, user_embedding=config.user_embedding, embed_dim=embed_dim)
+    except UserError as error:
+        raise UserError(f"--config.checkpoint={config.checkpoint} holds a {holds}: {error}") from None
 
 
 def model_folder(config, run: dict) -> str:
@@ -105,6 +115,8 @@ def main(config, workdir):
     check(bool(rows), f"{config.prompts}: no prompts.")
     run = load_checkpoint(config)
     pipe = load_pipeline(model_folder(config, run), dtype=jnp.dtype(config.dtype))
+    if "fold" in run:  # a user-gated PSA run: that user's deltas merged into the UNet once
+        run["kwargs"]["unet_params"] = run["fold"](pipe.unet_params)
     if run:
         run["trained"].check_fits(pipe.unet_params, f"--config.checkpoint={config.checkpoint}")
         from safealign_jax.models.load import component_folder

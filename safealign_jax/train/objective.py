@@ -3,17 +3,21 @@
 model's DDPM training schedule. The reference is the frozen base (no LoRA, no adapter).
 
 PSA: the policy's user tokens are `adapter.user_tokens(tree, batch["user_embedding"])`, the
-embeddings (B, E) float32; the adapter's lambda is folded into its to_v_ip. Caption dropout
+embeddings (B, E) float32; the adapter's lambda is folded into its to_v_ip. User-gated PSA
+({"gated"}, `safealign_jax.gated`): the policy's "lora" collection is `gated.variables(tree,
+batch["user_embedding"])`, per-example gates; with frozen experts the factors are behind a
+stop_gradient (and get no updates, `gated.freeze_experts`). Caption dropout
 (`step.drop_captions`) replaces the text states only: SPEC.md does not say the user is dropped
 too, so every pair keeps its user's embedding.
 """
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safealign_jax import adapter, dpo, lora
+from safealign_jax import adapter, dpo, gated, lora
 from safealign_jax.errors import UserError
 from safealign_jax.schedulers import DDPMSchedule, ddpm_schedule, scheduler_config_from_dict
 
@@ -32,39 +36,53 @@ def training_schedule(model_path: str, prediction_type: str) -> DDPMSchedule:
         dict(SD_SCHEDULE, prediction_type=prediction_type), "built-in SD schedule"))
 
 
+def _user_embeddings(batch: dict, width: int) -> jax.Array:
+    """batch["user_embedding"] (B, `width`) as float32, or a UserError."""
+    if "user_embedding" not in batch:
+        raise UserError("PSA training: the batch source yields no 'user_embedding' (B, E) entry.")
+    embeddings = batch["user_embedding"]
+    if embeddings.ndim != 2 or embeddings.shape[1] != width:
+        raise UserError(f"PSA training: user_embedding has shape {tuple(embeddings.shape)}, "
+                        f"expected (B, {width}) (--config.psa.embed_dim).")
+    return jnp.asarray(embeddings, jnp.float32)
+
+
 def policy_collections(trainable: dict, batch: dict, lora_scale: float,
-                       adapter_scale: float) -> tuple[dict, dict]:
+                       adapter_scale: float, train_gated_experts: bool = True) -> tuple[dict, dict]:
     """(extra UNet collections of the policy, batch with "user_tokens" (B, N, D) in place of
-    "user_embedding" (B, E)) for `trainable` = {"lora"?, "adapter"?}."""
+    "user_embedding" (B, E)) for `trainable` = {"lora"?, "adapter"?} or {"gated"}."""
     collections = {}
     if "lora" in trainable:
         collections["lora"] = lora.variables(trainable["lora"], lora_scale)
+    if "gated" in trainable:
+        tree = trainable["gated"]
+        if not train_gated_experts:
+            tree = {**tree, "experts": jax.lax.stop_gradient(tree["experts"])}
+        embeddings = _user_embeddings(batch, tree["gate"]["kernel"].shape[0])
+        collections["lora"] = gated.variables(tree, embeddings)
+        batch = {k: v for k, v in batch.items() if k != "user_embedding"}
     if "adapter" in trainable:
         tree = trainable["adapter"]
-        if "user_embedding" not in batch:
-            raise UserError("PSA training: the batch source yields no 'user_embedding' (B, E) entry.")
-        embeddings = batch["user_embedding"]
-        width = tree["proj"]["kernel"].shape[0]
-        if embeddings.ndim != 2 or embeddings.shape[1] != width:
-            raise UserError(f"PSA training: user_embedding has shape {tuple(embeddings.shape)}, "
-                            f"expected (B, {width}) (--config.psa.embed_dim).")
+        embeddings = _user_embeddings(batch, tree["proj"]["kernel"].shape[0])
         collections["adapter"] = adapter.variables(tree, adapter_scale)
         batch = {k: v for k, v in batch.items() if k != "user_embedding"}
-        batch["user_tokens"] = adapter.user_tokens(tree, jnp.asarray(embeddings, jnp.float32))
+        batch["user_tokens"] = adapter.user_tokens(tree, embeddings)
     return collections, batch
 
 
 def make_loss_fn(module, lora_scale: float, schedule: DDPMSchedule, beta: float,
-                 adapter_scale: float = 1.0, options: dpo.DPOOptions | None = None, kind: str = "dpo"):
+                 adapter_scale: float = 1.0, train_gated_experts: bool = True,
+                 options: dpo.DPOOptions | None = None, kind: str = "dpo"):
     """loss_fn(trainable, params, batch, key) -> (loss, metrics) for `step.make_train_step`;
-    `trainable` = {"lora": LoRA tree} and/or {"adapter": PSA tree} (see `safealign_jax.trained`).
-    `kind`: "dpo" (`dpo.diffusion_dpo_loss` with `options`) or
+    `trainable` = {"lora": LoRA tree} and/or {"adapter": PSA tree}, or {"gated": gated PSA tree}
+    (see `safealign_jax.trained`). `kind`: "dpo" (`dpo.diffusion_dpo_loss` with `options`) or
     "sft" (`dpo.diffusion_sft_loss`, the SFT baseline; only the noise options apply); options
     None = the paper's loss."""
     options = options or dpo.DPOOptions()
 
     def loss_fn(trainable, params, batch, key):
-        collections, batch = policy_collections(trainable, batch, lora_scale, adapter_scale)
+        collections, batch = policy_collections(trainable, batch, lora_scale, adapter_scale,
+                                                train_gated_experts)
         if kind == "sft":
             return dpo.diffusion_sft_loss(module.apply, params, collections, batch, schedule, key, options)
         return dpo.diffusion_dpo_loss(module.apply, params, collections, batch, schedule, key, beta, options)
