@@ -7,8 +7,8 @@ With a trained or merged run (`--config.checkpoint=RUN`, read by `trained.load_t
 or full delta is applied; a PSA adapter, or a user-gated PSA run (folded for that user), needs a
 user (`--config.user_id` + `--config.embeddings`, `--config.level` 0..5 + `--config.users` +
 `--config.embeddings`, or `--config.user_embedding` FILE.npy; see `safealign_jax.psa_users`).
-`--config.model` defaults to the pipeline holding the run's base UNet. Images already in OUT are skipped, so an interrupted run continues where it
-stopped (one user per OUT).
+`--config.model` defaults to the pipeline holding the run's base UNet. Images already in OUT are
+skipped, so an interrupted run continues where it stopped (one user per OUT).
 """
 
 import json
