@@ -19,7 +19,10 @@ import time
 import jax
 import numpy as np
 
-from safealign_jax import adapter, cli, lora
+from safealign_jax import adapter, cli, gated, lora
+from safealign_jax.bench.cache import enable_compilation_cache
+from safealign_jax.bench.flops import model_flops
+from safealign_jax.bench.peak import Peak, device_peak
 from safealign_jax.errors import UserError
 from safealign_jax.train import checkpoint, objective, reliability
 from safealign_jax.train import mesh as mesh_lib
@@ -86,8 +89,43 @@ def lora_config(config) -> lora.LoRAConfig:
     return lora.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets)
 
 
+def gated_experts(config) -> tuple[list[dict], list[str]]:
+    """(category delta trees, category names) of `config.psa.gated`: each run folder of
+    psa.gated.experts read with `load_trained` (a LoRA becomes its dense delta s a b)."""
+    from safealign_jax.merge.trees import check_same_base, delta_tree, expert_deltas
+    from safealign_jax.trained import load_trained
+
+    g = config.psa.gated
+    folders = [f.strip() for f in g.experts.split(",") if f.strip()]
+    if not folders:
+        raise UserError("--config.psa.gated.experts is empty: give one LoRA or delta run folder per category.")
+    names = [n.strip() for n in g.categories.split(",") if n.strip()] if g.categories else \
+        [os.path.basename(os.path.normpath(f)) for f in folders]
+    if len(names) != len(folders):
+        raise UserError(f"--config.psa.gated.categories names {len(names)} categories for "
+                        f"{len(folders)} runs in --config.psa.gated.experts.")
+    runs = [load_trained(f) for f in folders]
+    for folder, run in zip(folders, runs, strict=True):
+        if run.lora is None and run.delta is None:
+            raise UserError(f"--config.psa.gated.experts: {folder} holds no LoRA or delta.")
+    check_same_base([run.base_model for run in runs], names)
+    trees = [run.lora if run.lora is not None else run.delta for run in runs]
+    scales = [run.lora_scale if run.lora is not None else 1.0 for run in runs]
+    layers = [expert_deltas([t], [s], [n])[0] for t, s, n in zip(trees, scales, names, strict=True)]
+    return [delta_tree(x) for x in layers], names
+
+
 def init_trainable(config, params) -> dict:
-    """The fresh trainable tree: {"lora"} (SafetyDPO), {"adapter"} (PSA) or both (psa.train_lora)."""
+    """The fresh trainable tree: {"lora"} (SafetyDPO), {"adapter"} (PSA) or both (psa.train_lora),
+    or {"gated"} (psa.variant=gated: gates over the psa.gated.experts deltas)."""
+    if config.psa.enable and config.psa.variant not in ("adapter", "gated"):
+        raise UserError(f"--config.psa.variant={config.psa.variant!r} is invalid (expected adapter or gated).")
+    if config.psa.enable and config.psa.variant == "gated":
+        deltas, _ = gated_experts(config)
+        g = config.psa.gated
+        tree = gated.init(deltas, config.psa.embed_dim, rank=g.rank or None, init_bias=g.init_bias)
+        gated.check_matches(tree, params, "--config.psa.gated.experts")
+        return {"gated": tree}
     trainable = {}
     if not config.psa.enable or config.psa.train_lora:
         trainable["lora"] = lora.init(jax.random.key(config.seed + 1), params, lora_config(config))
@@ -106,6 +144,24 @@ def winner_warning(records: list[dict]) -> str | None:
     return (f"warning: steps {records[0]['step']}-{records[-1]['step']}: winner's error rose by "
             f"{np.mean(rises):.3g} over the reference: the margin comes from the loser; consider "
             f"dpo.sft_weight / dpo.sdpo")
+
+
+def make_step_fn(config, module, optimizer):
+    """The train step of `config` for `module` (`step.make_train_step` of the objective's loss);
+    the one build shared by the trainer and `safealign_jax.bench` (benchmark, memory, FLOPs)."""
+    schedule = objective.training_schedule(config.model.path, config.model.prediction_type)
+    loss_fn = objective.make_loss_fn(module, lora_config(config).scale, schedule, config.dpo.beta,
+                                     config.psa.scale, train_gated_experts=config.psa.gated.train_experts,
+                                     options=objective.options_from_config(config), kind=config.dpo.objective)
+    return make_train_step(loss_fn, optimizer, config.dpo.caption_dropout)
+
+
+def speed(steps: int, seconds: float, global_pairs: int, flops: int, peak: Peak) -> dict:
+    """The log step's speed over its `steps` steps: pairs/s, TFLOP/s (model FLOPs, all devices)
+    and MFU against the peak of all devices (`bench.peak`: datasheet, or measured on CPU)."""
+    tflops = steps * flops / seconds / 1e12
+    return {"pairs_per_s": steps * global_pairs / seconds, "tflops_per_s": tflops,
+            "mfu": tflops * 1e12 / (peak.flops * jax.device_count())}
 
 
 class _Logger:
@@ -168,6 +224,7 @@ def train(config, workdir: str, source=None):
         prompts = objective.read_retain_prompts(config.dpo.retain_prompts)
         retain = objective.RetainPrompts.encode(config.model.path, prompts)
     cli.output_folder(workdir)
+    enable_compilation_cache(config.train.compilation_cache or os.path.join(workdir, "compilation_cache"))
     mesh = mesh_lib.make_mesh(config)
     replicated = mesh_lib.replicated(mesh)
     module, params, base_ref = load_base(config)
@@ -175,6 +232,8 @@ def train(config, workdir: str, source=None):
     global_pairs = config.train.pairs_per_device * jax.device_count()
     optimizer = state_lib.make_optimizer(config, global_pairs)
     trainable = init_trainable(config, params)
+    if "gated" in trainable and not config.psa.gated.train_experts:
+        optimizer = gated.freeze_experts(optimizer)
     state = state_lib.init_state(trainable, optimizer, config.seed)
     state_sh = mesh_lib.replicated_like(state, mesh)
     params_sh = mesh_lib.param_shardings(params, mesh, config)
@@ -197,10 +256,7 @@ def train(config, workdir: str, source=None):
     if jax.process_index() == 0:  # lines after the restored step are redone by this run
         reliability.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), first)
 
-    schedule = objective.training_schedule(config.model.path, config.model.prediction_type)
-    loss_fn = objective.make_loss_fn(module, lora_cfg.scale, schedule, config.dpo.beta, config.psa.scale,
-                                     options=options, kind=config.dpo.objective)
-    step_fn = make_train_step(loss_fn, optimizer, config.dpo.caption_dropout)
+    step_fn = make_step_fn(config, module, optimizer)
     empty = getattr(source, "empty_embedding", None)  # the cached "" embedding, else zeros
     if empty is None:
         empty = np.zeros((config.data.seq_len, module.config.cross_attention_dim), np.float32)
@@ -208,7 +264,7 @@ def train(config, workdir: str, source=None):
     total = config.train.steps
     grids = SampleGrids(config, module, params, workdir)
     logger = _Logger(workdir, config, first, total)
-    compiled, compile_s = None, 0.0
+    compiled, compile_s, flops, peak = None, 0.0, 0, None
     pending, last_time, last_step, run_start, records = [], None, first, None, []
     ids, skipped = {}, 0
     signals = reliability.StopSignals()
@@ -225,6 +281,9 @@ def train(config, workdir: str, source=None):
                 compiled = compile_step(step_fn, state, state_sh, params, params_sh, batch, batch_sh,
                                         empty, replicated)
                 compile_s = time.perf_counter() - start
+                flops = model_flops(lambda m: make_step_fn(config, m, optimizer), module, state, params,
+                                    batch, empty)
+                peak = device_peak(n=1024)
                 run_start = last_time = time.perf_counter()
             state, metrics = compiled(state, params, batch, empty)
             for value in metrics.values():
@@ -248,7 +307,8 @@ def train(config, workdir: str, source=None):
                         f"{bad[0]['grad_norm']}; stopped (last good checkpoint: {last_saved}), batch ids "
                         f"in {reports[0]}; rerun with --config.train.skip_nonfinite=True to skip such steps.")
                 skipped += len(bad)
-                logger.write(records, (step + 1 - last_step) * global_pairs / (now - last_time))
+                records[-1].update(speed(step + 1 - last_step, now - last_time, global_pairs, flops, peak))
+                logger.write(records, records[-1]["pairs_per_s"])
                 pending, last_time, last_step = [], now, step + 1
                 ids = {}
             grids.maybe_save(step + 1, params, state.trainable, lora_cfg.scale, done)
@@ -271,6 +331,7 @@ def train(config, workdir: str, source=None):
         "trainable_parameters": lora.count(state.trainable),
         "fsdp_sharded_param_leaves": sum(not s.is_fully_replicated for s in jax.tree.leaves(params_sh)),
         "compile_s": compile_s,
+        "model_flops_per_step": flops, "peak": peak.source if peak else None,
         "steps_per_s": steps_run / elapsed if elapsed else 0.0,
         "pairs_per_s": steps_run * global_pairs / elapsed if elapsed else 0.0,
         "final": records[-1] if records else {},
