@@ -3,7 +3,10 @@ random SD1-structured UNet built in-process. Also its content reference for chec
 
 `config.model` fixes what the compiled step computes: compute_dtype (activations), param_dtype
 (storage of the frozen base weights), remat_policy and attention (see UNet2DConditionModel);
-configs written before a field existed get float32 / "none" / "auto".
+configs written before a field existed get float32 / "none" / "auto". The accelerator presets
+store and run the base in bf16; the trainable trees, the optimizer state, the per-image errors
+and the DPO loss stay fp32 (BENCHMARKS.md "Precision policy": with beta/2 = 2500 one bf16
+rounding of a per-image error would move the logit by about 1).
 """
 
 import os
