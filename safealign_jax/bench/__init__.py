@@ -6,5 +6,7 @@
   memory   XLA's memory analysis of the AOT-compiled train step at any preset size, from
            ShapeDtypeStructs only (no weights are materialised)
   cache    the persistent XLA compilation cache
+  compare  the side-by-side benchmark of scripts/benchmark.py (worker processes pinned to the
+           same CPUs, alternating timed repeats, the JSON report and its table)
   torch_reference   the PyTorch side of the benchmark (imports torch lazily)
 """
