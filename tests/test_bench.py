@@ -83,7 +83,7 @@ def test_compiled_memory_of_a_bf16_base_is_half_its_fp32_weights():
         sizes[dtype] = compiled_memory(config)
     structure = unet_structure(config)
     module = UNet2DConditionModel(structure)
-    params = jax.eval_shape(module.init, jax.random.key(0), *module.dummy_inputs(size=2, seq_len=1))
+    params = jax.eval_shape(module.init, jax.random.key(0), *module.dummy_inputs(size=2, seq_len=1))["params"]
     # arguments: the base weights, the fp32 LoRA + AdamW state, the batch; only the base changes
     assert sizes["float32"]["argument_bytes"] - sizes["bfloat16"]["argument_bytes"] == 2 * param_count(params)
     for entry in sizes.values():
