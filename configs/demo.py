@@ -69,6 +69,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # damage to other prompts rises steeply as beta falls (README, "What the demo shows": swept
     # 150..2500 for the experts, 20..150 for PSA).
     c.expert = _expert(steps=300, lr=1e-3, beta=1000.0)
+    # Expert objectives trained and merged, each {dpo field: value} over c.expert.dpo: "dpo" is
+    # the papers' (Diffusion-DPO alone); "regularised" adds SFT on the preferred image and the
+    # preservation term on retain prompts (safe rewrites and neutral prompts).
+    c.objectives = ml_collections.ConfigDict({"dpo": {}, "regularised": {"sft_weight": 1.0, "preserve_weight": 10.0}})
+
+    # Closed-form cross-attention edit (safealign_jax.erase): harmful -> safe prompt of every pair,
+    # the safe rewrites and neutral prompts preserved.
+    c.erase = ml_collections.ConfigDict()
+    c.erase.preserve_weight = 1.0
+    c.erase.ridge = 1e-3
 
     c.merge = ml_collections.ConfigDict()
     c.merge.task_lambda = 1.0
@@ -82,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.merge.export_rank = 8
 
     c.curve = ml_collections.ConfigDict()
-    c.curve.categories = (1, 3, 5)  # the 7-category point is the main comparison
+    c.curve.categories = (1, 3)  # the 7-category point is the main comparison
 
     c.psa = ml_collections.ConfigDict()
     c.psa.users = 50
@@ -91,6 +101,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.psa.train = _expert(steps=600, lr=1e-3, beta=50.0)
     c.psa.train.psa.num_tokens = 1
     c.psa.train.psa.scale = 1.0
+    # User-gated variant: the closed-form edit of each category, weighted by g(u) = sigmoid(W u + b);
+    # only W and b train (E x C + C numbers: a large learning rate), on the same user-conditioned
+    # pairs. Gates start closed (sigmoid(-3) = 0.05), so the policy starts near the reference.
+    c.psa.gated = _expert(steps=600, lr=5e-2, beta=50.0)
+    c.psa.gated.psa.variant = "gated"
+    c.psa.gated.psa.gated.init_bias = -3.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.scenes_per_concept = 4  # x 2 held-out phrasings

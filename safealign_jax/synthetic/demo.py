@@ -22,10 +22,10 @@ import time
 import jax
 import numpy as np
 
-from safealign_jax import lora, merge
+from safealign_jax import erase, lora, merge
 from safealign_jax.data.categories import slug
 from safealign_jax.pipeline import load_pipeline
-from safealign_jax.synthetic import base_model, metrics, report
+from safealign_jax.synthetic import base_model, metrics, prompt_sets, report
 from safealign_jax.synthetic.data import UserPairs, render, render_pairs, write_coprov2
 from safealign_jax.synthetic.metrics import PromptCase
 from safealign_jax.synthetic.oracle import Oracle, validate
@@ -108,7 +108,6 @@ def run(config, workdir: str) -> dict:
     """Runs every stage into `workdir`; returns the report dict (also written as report.json)."""
     from safealign_jax.data.cache import write_cache
     from safealign_jax.data.tfds_builders import CoProV2Pairs
-    from safealign_jax.train.loop import train
 
     os.makedirs(workdir, exist_ok=True)
     # Experts, baselines and PSA share step shapes: compile once, reuse from the disk cache.
@@ -144,6 +143,7 @@ def run(config, workdir: str) -> dict:
     t = time.perf_counter()
     methods, grids = {}, {}
     methods["base"], grids["base"] = evaluate(params)
+    methods["base"]["recipe"] = "the pretrained world model"
     clock.stage("evaluate base", t)
 
     # CoProV2-style data through the real data path.
@@ -159,133 +159,275 @@ def run(config, workdir: str) -> dict:
         write_cache(str(builder.data_dir), folder, cache_dir, resolution=IMAGE_SIZE, batch_size=64,
                     progress=config.progress)
     results["data"] = {"pairs": len(pairs.categories), "pairs_per_concept": config.data.pairs_per_concept}
+    preserved_prompts = prompt_sets.preserved(pairs, world, config.seed)
+    retain_file = os.path.join(data_dir, "retain_prompts.txt")
+    with open(retain_file, "w") as f:
+        f.write("\n".join(preserved_prompts) + "\n")
     clock.stage("render pairs -> TFDS -> latent cache", t)
+
+    deltas = {}
+
+    def add(name: str, recipe: str, delta: dict | None = None, unet_params=None) -> None:
+        methods[name], grids[name] = evaluate(lora.fold_delta(params, delta) if unet_params is None else unet_params)
+        methods[name]["recipe"] = recipe
+        if delta is not None:
+            methods[name]["delta_norm"] = merge.delta_norm(delta)
+            deltas[name] = delta
+
+    # Closed-form cross-attention edit of every concept at once (no training).
+    t = time.perf_counter()
+    erased = erase.edit_from_prompts(pipe, params, prompt_sets.edits(pairs), preserved_prompts,
+                                     preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
+    add("erase", f"closed-form to_k/to_v edit of every concept (preserve weight {config.erase.preserve_weight})", erased)
+    clock.stage("closed-form edit", t)
 
     expert_cfg = train_config(config.expert, **{"model.path": os.path.join(folder, "unet"), "data.source": "cache",
                                                 "data.cache_dir": cache_dir, "seed": config.seed,
                                                 "train.progress_bar": config.progress})
-    t = time.perf_counter()
-    expert_dirs = []
-    for category in world.categories:
-        expert_dirs.append(os.path.join(workdir, "experts", slug(category)))
-        train(train_config(expert_cfg, **{"data.category": category}), expert_dirs[-1])
-    clock.stage(f"train {len(expert_dirs)} experts", t)
-    t = time.perf_counter()
-    train(train_config(expert_cfg, **{"data.category": ""}), os.path.join(workdir, "all_single"))
-    clock.stage("train all-single", t)
+    results["experts"], paper_experts = {}, None
+    for objective, overrides in config.objectives.items():
+        t = time.perf_counter()
+        overrides = {f"dpo.{k}": v for k, v in overrides.items()}
+        if overrides.get("dpo.preserve_weight"):
+            overrides["dpo.retain_prompts"] = retain_file
+        objective_cfg = train_config(expert_cfg, **overrides)
+        label = objective_label(objective_cfg.dpo)
+        experts = train_experts(objective_cfg, world, os.path.join(workdir, "experts", objective))
+        clock.stage(f"train {len(experts)} experts ({objective})", t)
+        t = time.perf_counter()
+        results["experts"][objective] = expert_table(world, oracle, pipe, params, experts, harmful, safe, sampling)
+        clock.stage(f"evaluate experts alone ({objective})", t)
+        t = time.perf_counter()
+        loaded = [load_trained(d) for d in experts.values()]
+        merged = merged_deltas(config, pipe, params, world, pairs, preserved_prompts, loaded, cache_dir,
+                               paper=objective == "dpo")
+        for method, (recipe, delta) in merged.items():
+            add(method if objective == "dpo" else f"{objective}_{method}", f"{label} + {recipe}", delta)
+        if objective == "dpo":
+            paper_experts = loaded
+        clock.stage(f"merge + evaluate ({objective})", t)
 
     t = time.perf_counter()
-    experts = [load_trained(d) for d in expert_dirs]
-    trees = [e.lora for e in experts]
-    scales = [e.lora_scale for e in experts]
-    merged = merged_deltas(config, pipe, params, trees, scales, cache_dir)
-    clock.stage("merge (5 methods)", t)
-
-    t = time.perf_counter()
-    for name, delta in merged.items():
-        methods[name], grids[name] = evaluate(lora.fold_delta(params, delta))
-    all_single = load_trained(os.path.join(workdir, "all_single"))
-    methods["all_single"], grids["all_single"] = evaluate(all_single.folded(params))
-    clock.stage("evaluate merges + all-single", t)
+    steps = config.expert.train.steps * len(world.categories)
+    all_single_dir = os.path.join(workdir, "all_single")
+    train(train_config(expert_cfg, **{"data.category": "", "train.steps": steps, "train.checkpoint_every": steps}),
+          all_single_dir)
+    add("all_single", f"one DPO LoRA on all categories, {steps} steps (as many as all experts)",
+        unet_params=load_trained(all_single_dir).folded(params))
+    clock.stage("train + evaluate all-single (fair)", t)
 
     # Concept-scaling curve: the first k categories removed by all-single vs experts + Co-Merge.
     t = time.perf_counter()
+    trees, scales = [e.lora for e in paper_experts], [e.lora_scale for e in paper_experts]
     results["scaling"] = scaling_curve(config, world, oracle, pipe, params, trees, scales, cache_dir, expert_cfg,
-                                       workdir, harmful, sampling, train)
+                                       workdir, harmful, sampling)
     results["scaling"].append({"categories": len(world.categories), "concepts": len(world.concepts),
                                "ip_all_single": methods["all_single"]["ip"], "ip_experts_comerge": methods["comerge"]["ip"]})
     clock.stage("concept-scaling curve", t)
+    results["methods"] = methods
 
-    # PSA.
+    # PSA: the paper's adapter and the user-gated per-category edits.
     t = time.perf_counter()
     users, levels = make_users(world.categories, config.psa.users + config.psa.unseen_users,
                                config.psa.embed_dim, config.seed)
     seen, unseen = users[: config.psa.users], users[config.psa.users:]
+    groups = {"levels": levels, "seen": seen[: config.eval.psa_users_per_group],
+              "unseen": unseen[: config.eval.psa_users_per_group]}
     psa_cfg = train_config(config.psa.train, **{"model.path": os.path.join(folder, "unet"), "seed": config.seed,
                                                 "psa.enable": True, "psa.embed_dim": config.psa.embed_dim,
                                                 "train.progress_bar": config.progress})
     source = UserPairs(pairs, seen, folder, seed=config.seed, global_rows=psa_cfg.train.pairs_per_device * jax.device_count(),
                        rows=slice(None), block=pipe.vae_scale)
-    psa_dir = os.path.join(workdir, "psa")
-    train(psa_cfg, psa_dir, source=source)
-    clock.stage("train PSA adapter", t)
+    base_harmful = grids["base"][: len(harmful)]
+    psa_runs, variants, psa_grids = {}, {}, {}
+    psa_runs["adapter"] = os.path.join(workdir, "psa", "adapter")
+    train(psa_cfg, psa_runs["adapter"], source=source)
+    adapter_run = load_trained(psa_runs["adapter"])
+    clock.stage("train PSA adapter (paper)", t)
     t = time.perf_counter()
-    psa = load_trained(psa_dir)
-    results["psa"], psa_grids = evaluate_psa(config, oracle, pipe, psa, harmful, grids["base"][: len(harmful)],
-                                             levels, seen, unseen, sampling)
-    clock.stage("evaluate PSA", t)
+    variants["adapter"], psa_grids["adapter"] = evaluate_psa(
+        oracle, harmful, base_harmful, groups,
+        lambda user: render(pipe, [c.text for c in harmful], [c.seed for c in harmful],
+                            adapter=(adapter_run.adapter, adapter_run.adapter_scale),
+                            user_embeddings=np.repeat(user.embedding[None], len(harmful), 0), **sampling))
+    variants["adapter"]["recipe"] = (f"paper: user adapter, N={config.psa.train.psa.num_tokens} token, "
+                                     f"user-conditioned DPO (beta {config.psa.train.dpo.beta:g})")
+    clock.stage("evaluate PSA adapter", t)
 
-    results["methods"] = methods
     t = time.perf_counter()
-    results["exports"] = export(config, workdir, folder, merged["comerge"], psa, params)
+    category_runs = []
+    for category in world.categories:
+        run_dir = os.path.join(workdir, "erase", slug(category))
+        if not os.path.isdir(run_dir):
+            delta = erase.edit_from_prompts(pipe, params, prompt_sets.edits(pairs, (category,)), preserved_prompts,
+                                            preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
+            save_trained(run_dir, {"delta": delta}, {"erase": config.erase.to_dict(), "category": category},
+                         adapter_run.base_model)
+        category_runs.append(run_dir)
+    gated_cfg = train_config(config.psa.gated, **{"model.path": os.path.join(folder, "unet"), "seed": config.seed,
+                                                  "psa.enable": True, "psa.embed_dim": config.psa.embed_dim,
+                                                  "psa.gated.experts": ",".join(category_runs),
+                                                  "psa.gated.categories": ",".join(world.categories),
+                                                  "train.progress_bar": config.progress})
+    psa_runs["gated"] = os.path.join(workdir, "psa", "gated")
+    train(gated_cfg, psa_runs["gated"], source=source)
+    gated_run = load_trained(psa_runs["gated"])
+    clock.stage("closed-form edit per category + train PSA gates", t)
+    t = time.perf_counter()
+    variants["gated"], psa_grids["gated"] = evaluate_psa(
+        oracle, harmful, base_harmful, groups,
+        lambda user: render(pipe, [c.text for c in harmful], [c.seed for c in harmful],
+                            unet_params=gated_run.folded_for_user(params, user.embedding), **sampling))
+    variants["gated"]["recipe"] = ("user-gated closed-form edits per category, gates sigmoid(W u + b) learned "
+                                   f"with user-conditioned DPO (beta {config.psa.gated.dpo.beta:g})")
+    clock.stage("evaluate PSA gated", t)
+
+    results["psa"] = {"variants": variants}
+    results["recommended"] = {"safety": report.recommend_safety(methods), "psa": report.recommend_psa(variants)}
+    t = time.perf_counter()
+    recommended = results["recommended"]["safety"]
+    results["exports"] = export(config, workdir, folder, {n: deltas[n] for n in dict.fromkeys(["comerge", recommended])
+                                                          if n in deltas}, recommended, adapter_run, params)
     clock.stage("export", t)
     results["targets"] = report.targets(results)
     results["stages_s"] = clock.stages
     results["wall_s"] = round(time.perf_counter() - clock.start, 1)
-    report.write(workdir, results, world, harmful, grids, psa_grids)
+    report.write(workdir, results, world, harmful, grids, psa_grids[results["recommended"]["psa"]])
     return results
 
 
-def merged_deltas(config, pipe, params, trees, scales, cache_dir) -> dict:
-    m = config.merge
+def objective_label(dpo) -> str:
+    """The expert objective in words, e.g. "DPO (beta 1000) + SFT x1 + preservation x10 experts"."""
+    terms = [f"DPO (beta {dpo.beta:g})"]
+    if dpo.get("sft_weight", 0.0):
+        terms.append(f"SFT x{dpo.sft_weight:g}")
+    if dpo.get("preserve_weight", 0.0):
+        terms.append(f"preservation x{dpo.preserve_weight:g}")
+    if dpo.get("sdpo", False):
+        terms.append("SDPO safeguard")
+    return " + ".join(terms) + " experts"
+
+
+def train(config, workdir: str, source=None) -> None:
+    """The library trainer, skipped when `workdir` already holds its final checkpoint."""
+    from safealign_jax.train.loop import train as train_run
+
+    done = os.path.join(workdir, "checkpoints", str(config.train.steps))
+    if not os.path.isdir(done):
+        train_run(config, workdir, source=source)
+
+
+def train_experts(config, world: World, root: str) -> dict[str, str]:
+    """One expert per category under `root`; {category: run folder}."""
+    runs = {}
+    for category in world.categories:
+        runs[category] = os.path.join(root, slug(category))
+        train(train_config(config, **{"data.category": category}), runs[category])
+    return runs
+
+
+def final_metrics(run_dir: str, last: int = 20) -> dict:
+    """Mean of each per-step metric over the last `last` steps of a run's metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()][-last:]
+    keys = set.intersection(*(set(r) for r in records)) - {"step"}
+    return {k: float(np.mean([r[k] for r in records])) for k in sorted(keys)}
+
+
+def expert_table(world, oracle, pipe, params, experts: dict[str, str], harmful, safe, sampling) -> dict:
+    """Per expert, alone: IP and the share drawn as the safe counterpart on its own category's
+    harmful prompts, adherence on every safe prompt, and the winner's / loser's error change
+    against the reference at the end of training (metrics.jsonl)."""
+    out = {}
+    for category, run_dir in experts.items():
+        own = [c for c in harmful if world.category_of(c.scene.object) == category]
+        cases = own + safe
+        images = render(pipe, [c.text for c in cases], [c.seed for c in cases],
+                        unet_params=load_trained(run_dir).folded(params), **sampling)
+        seen = oracle.read(images).scenes(world)
+        shown = [s.object for s in seen[: len(own)]]
+        trained = final_metrics(run_dir)
+        out[category] = {
+            "own_ip": float(np.mean([o == c.scene.object for o, c in zip(shown, own, strict=True)])),
+            "safe_share": float(np.mean([o == world.concept_of[c.scene.object].safe for o, c in zip(shown, own, strict=True)])),
+            "adherence": float(np.mean([s == c.scene for s, c in zip(seen[len(own):], safe, strict=True)])),
+            "mse_w_diff": trained["mse_w_diff"], "mse_l_diff": trained["mse_l_diff"],
+        }
+    return out
+
+
+def merged_deltas(config, pipe, params, world, pairs, preserved_prompts, experts, cache_dir, paper: bool) -> dict:
+    """{method: (recipe, delta tree)} of the experts' merges: Co-Merge and least-squares fusion
+    of the text-keyed layers always; averaging, task arithmetic, TIES, DARE and Co-Merge with
+    own-category statistics for the paper's experts."""
     from safealign_jax.schedulers import ddpm_schedule
 
-    batches = merge.cache_batches(cache_dir, ddpm_schedule(pipe.scheduler), num_examples=m.calibration_examples,
+    m = config.merge
+    trees, scales = [e.lora for e in experts], [e.lora_scale for e in experts]
+    schedule = ddpm_schedule(pipe.scheduler)
+    batches = merge.cache_batches(cache_dir, schedule, num_examples=m.calibration_examples,
                                   batch_size=m.calibration_batch, seed=config.seed)
-    statistics = merge.calibrate(merge.unet_apply(pipe.unet), params, trees, scales, batches, m.statistic)
+    apply = merge.unet_apply(pipe.unet)
+    statistics = merge.calibrate(apply, params, trees, scales, batches, m.statistic)
     comerged, _ = merge.comerge(trees, scales, statistics, granularity=m.granularity)
-    return {
-        "average": merge.linear(trees, scales),
-        "task_arithmetic": merge.task_arithmetic(trees, scales, lam=m.task_lambda),
-        "ties": merge.ties(trees, scales, density=m.ties_density, lam=m.ties_lambda),
-        "dare": merge.dare(trees, scales, key=jax.random.key(config.seed), drop=m.dare_drop),
-        "comerge": comerged,
-    }
+    concept_states = [erase.preserved_states(pipe, [h for h, _ in prompt_sets.edits(pairs, (c,))]) for c in world.categories]
+    fused = merge.fuse(params, trees, concept_states, erase.preserved_states(pipe, preserved_prompts), scales=scales,
+                       preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
+    out = {"comerge": ("Co-Merge", comerged),
+           "fusion": ("least-squares fusion of to_k/to_v, Co-Merge elsewhere", merge.combine(fused, comerged))}
+    if paper:
+        own = merge.calibrate(apply, params, trees, scales, [merge.cache_batches(
+            cache_dir, schedule, num_examples=m.calibration_examples, batch_size=m.calibration_batch, seed=config.seed,
+            category=category) for category in world.categories], m.statistic)
+        out.update({
+            "average": ("average", merge.linear(trees, scales)),
+            "task_arithmetic": (f"task arithmetic (lambda {m.task_lambda:g})", merge.task_arithmetic(trees, scales, lam=m.task_lambda)),
+            "ties": ("TIES", merge.ties(trees, scales, density=m.ties_density, lam=m.ties_lambda)),
+            "dare": ("DARE", merge.dare(trees, scales, key=jax.random.key(config.seed), drop=m.dare_drop)),
+            "comerge_own": ("Co-Merge, statistics from each expert's own category",
+                            merge.comerge(trees, scales, own, granularity=m.granularity)[0]),
+        })
+    return out
 
 
 def scaling_curve(config, world, oracle, pipe, params, trees, scales, cache_dir, expert_cfg, workdir, harmful,
-                  sampling, train) -> list[dict]:
+                  sampling) -> list[dict]:
+    """IP on the first k categories' harmful prompts, for k in config.curve.categories: all-single
+    trained on those k categories for k x the expert steps vs Co-Merge of their k experts."""
+    from safealign_jax.schedulers import ddpm_schedule
+
     points = []
-    prompts_all = [c.text for c in harmful]
-    seeds_all = [c.seed for c in harmful]
-    batches = None
+    batches = merge.cache_batches(cache_dir, ddpm_schedule(pipe.scheduler), num_examples=config.merge.calibration_examples,
+                                  batch_size=config.merge.calibration_batch, seed=config.seed)
     for k in config.curve.categories:
         k = min(k, len(world.categories))
         chosen = world.categories[:k]
-        rows = [i for i, c in enumerate(harmful) if world.category_of(c.scene.object) in chosen]
-        prompts, seeds = [prompts_all[i] for i in rows], [seeds_all[i] for i in rows]
-        targets = [harmful[i].scene.object for i in rows]
+        cases = [c for c in harmful if world.category_of(c.scene.object) in chosen]
         run_dir = os.path.join(workdir, "scaling", f"all_single_{k}")
-        train(train_config(expert_cfg, **{"data.category": ",".join(chosen)}), run_dir)
+        steps = config.expert.train.steps * k
+        train(train_config(expert_cfg, **{"data.category": ",".join(chosen), "train.steps": steps,
+                                          "train.checkpoint_every": steps}), run_dir)
         single = load_trained(run_dir)
-        if batches is None:
-            from safealign_jax.schedulers import ddpm_schedule
-
-            batches = merge.cache_batches(cache_dir, ddpm_schedule(pipe.scheduler), num_examples=config.merge.calibration_examples,
-                                          batch_size=config.merge.calibration_batch, seed=config.seed)
         stats = merge.calibrate(merge.unet_apply(pipe.unet), params, trees[:k], scales[:k], batches, config.merge.statistic)
         comerged, _ = merge.comerge(trees[:k], scales[:k], stats, granularity=config.merge.granularity)
         point = {"categories": k, "concepts": sum(len(world.concepts_in(c)) for c in chosen)}
         for name, unet_params in (("all_single", single.folded(params)), ("experts_comerge", lora.fold_delta(params, comerged))):
-            images = render(pipe, prompts, seeds, unet_params=unet_params, **sampling)
+            images = render(pipe, [c.text for c in cases], [c.seed for c in cases], unet_params=unet_params, **sampling)
             seen = oracle.read(images).scenes(world)
-            point[f"ip_{name}"] = float(np.mean([s.object == o for s, o in zip(seen, targets, strict=True)]))
+            point[f"ip_{name}"] = float(np.mean([s.object == c.scene.object for s, c in zip(seen, cases, strict=True)]))
         points.append(point)
     return points
 
 
-def evaluate_psa(config, oracle, pipe, psa, harmful, base_harmful_images, levels, seen, unseen, sampling):
-    """Per level user and per user group: pass rate, over-suppression, win rate vs the base."""
-    prompts = [c.text for c in harmful]
-    seeds = [c.seed for c in harmful]
-    groups = {"levels": levels, "seen": seen[: config.eval.psa_users_per_group],
-              "unseen": unseen[: config.eval.psa_users_per_group]}
+def evaluate_psa(oracle, harmful, base_harmful_images, groups: dict, render_for_user) -> tuple[dict, dict]:
+    """Per user and per user group: pass rate, over-suppression (and the base's), win rate vs the
+    base; `render_for_user(user)` gives the images of `harmful` for that user. Returns (results,
+    {level user id: images})."""
     out, grid_images = {"per_user": {}, "per_group": {}}, {}
     for group, users in groups.items():
         rows = []
         for user in users:
-            images = render(pipe, prompts, seeds, adapter=(psa.adapter, psa.adapter_scale),
-                            user_embeddings=np.repeat(user.embedding[None], len(prompts), 0), **sampling)
+            images = render_for_user(user)
             m = metrics.psa_metrics(oracle, user, harmful, images, base_harmful_images)
             base = metrics.psa_metrics(oracle, user, harmful, base_harmful_images)
             m.update(base_pass_rate=base["pass_rate"], base_over_suppression=base["over_suppression"],
@@ -294,36 +436,38 @@ def evaluate_psa(config, oracle, pipe, psa, harmful, base_harmful_images, levels
             rows.append(m)
             if group == "levels":
                 grid_images[user.user_id] = images
-        out["per_group"][group] = {k: float(np.mean([r[k] for r in rows]))
-                                   for k in ("pass_rate", "over_suppression", "win_rate", "base_pass_rate")}
+        out["per_group"][group] = {k: float(np.mean([r[k] for r in rows])) for k in
+                                   ("pass_rate", "base_pass_rate", "over_suppression", "base_over_suppression", "win_rate")}
     return out, grid_images
-
-
-def export(config, workdir, folder, comerge_delta, psa, params) -> dict:
-    """The Co-Merge result as a peft LoRA (SVD rank r) and the PSA adapter in the IP-Adapter
-    layout; with torch installed, both loaded in diffusers and compared with our UNet."""
+def export(config, workdir, folder, merged: dict, checked: str, psa, params) -> dict:
+    """Each of `merged` ({method: delta}) as a peft LoRA (SVD rank r) and as a run folder, and the
+    PSA adapter in the IP-Adapter layout; with torch installed, the LoRA of method `checked` and
+    the adapter loaded in diffusers and compared with our UNet."""
     from safealign_jax.convert.adapter_files import save_ip_adapter
     from safealign_jax.convert.lora_files import save_peft_lora
 
     out = os.path.join(workdir, "export")
     os.makedirs(out, exist_ok=True)
     rank = config.merge.export_rank
-    tree, errors = merge.to_lora(comerge_delta, rank)
-    merged_dir = os.path.join(workdir, "merged_comerge_lora")
-    if not os.path.isdir(merged_dir):
-        save_trained(merged_dir, {"lora": tree}, {"lora": {"rank": rank, "alpha": float(rank)}},
-                     psa.base_model)
-    lora_file = os.path.join(out, "comerge_lora.safetensors")
-    save_peft_lora(lora_file, tree, rank, float(rank))
+    result, trees = {"svd_rank": rank}, {}
+    for name, delta in merged.items():
+        trees[name], errors = merge.to_lora(delta, rank)
+        run_dir = os.path.join(workdir, "merged", name)
+        if not os.path.isdir(run_dir):
+            save_trained(run_dir, {"lora": trees[name]}, {"lora": {"rank": rank, "alpha": float(rank)}}, psa.base_model)
+        lora_file = os.path.join(out, f"{name}_lora.safetensors")
+        save_peft_lora(lora_file, trees[name], rank, float(rank))
+        result[name] = {"lora": lora_file, "svd_relative_error_mean": float(np.mean(list(errors.values()))),
+                        "svd_relative_error_max": float(np.max(list(errors.values())))}
     adapter_file = os.path.join(out, "psa_adapter.safetensors")
     save_ip_adapter(adapter_file, psa.adapter, params)
-    result = {"lora": lora_file, "svd_rank": rank,
-              "svd_relative_error_mean": float(np.mean(list(errors.values()))),
-              "svd_relative_error_max": float(np.max(list(errors.values()))), "ip_adapter": adapter_file}
+    result["ip_adapter"] = adapter_file
     if not all(importlib.util.find_spec(m) for m in ("torch", "diffusers")):
         result["diffusers_check"] = "skipped (torch extra not installed)"
         return result
     from safealign_jax.synthetic.torch_check import compare_with_diffusers
 
-    result["diffusers_check"] = compare_with_diffusers(folder, params, tree, rank, psa, lora_file, adapter_file)
+    result["diffusers_check"] = compare_with_diffusers(folder, params, trees[checked], rank, psa,
+                                                       result[checked]["lora"], adapter_file)
+    result["diffusers_check"]["lora_of"] = checked
     return result
