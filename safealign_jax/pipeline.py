@@ -54,12 +54,14 @@ class Pipeline:
 
 
 def load_pipeline(
-    folder: str, dtype: Dtype = jnp.float32, variant: str | None = None, unet: tuple | None = None
+    folder: str, dtype: Dtype = jnp.float32, variant: str | None = None, unet: tuple | None = None,
+    attention: str | None = None,
 ) -> Pipeline:
     """Loads every component of a diffusers pipeline folder (model_index.json layout).
 
     `unet`: an already loaded (module, params) to use instead of reading unet/ again (e.g. the
-    trainer's sharded base params).
+    trainer's sharded base params). `attention`: the UNet's attention implementation
+    (`models.attention.IMPLEMENTATIONS`); None keeps the module's.
     """
     check(os.path.isdir(folder), f"{folder}: no such pipeline folder.")
     index = read_config(folder, "model_index.json")
@@ -72,6 +74,8 @@ def load_pipeline(
     suffixes = ["", "_2"] if sdxl else [""]
     encoders = [load_text_encoder(folder, f"text_encoder{s}", dtype=dtype, variant=variant) for s in suffixes]
     unet, unet_params = unet or load_unet(folder, dtype=dtype, variant=variant)
+    if attention is not None:
+        unet = unet.clone(attention=attention)
     vae, vae_params = load_vae(folder, dtype=dtype, variant=variant)
     return Pipeline(
         unet=unet,

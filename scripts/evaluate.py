@@ -296,7 +296,7 @@ def main(config, workdir):
         users = generation.row_users(rows[name], config.psa.user_id, config.psa.level, config.psa.center_users)
         missing = [r for r in rows[name] if not os.path.exists(os.path.join(folder, "images", generation.image_name(r)))]
         if missing and model is None:
-            model = generation.load_model(config.model, config.checkpoint, step, config.dtype)
+            model = generation.load_model(config.model, config.checkpoint, step, config.dtype, config.attention)
         if missing:
             print(f"{config.name}/{name}: generating {len(missing)} of {len(rows[name])} images")
             generation.generate_run(model, rows[name], folder, settings, users, config.psa.embeddings)

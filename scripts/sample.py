@@ -114,7 +114,7 @@ def main(config, workdir):
         rows = rows[: config.limit]
     check(bool(rows), f"{config.prompts}: no prompts.")
     run = load_checkpoint(config)
-    pipe = load_pipeline(model_folder(config, run), dtype=jnp.dtype(config.dtype))
+    pipe = load_pipeline(model_folder(config, run), dtype=jnp.dtype(config.dtype), attention=config.attention)
     if "fold" in run:  # a user-gated PSA run: that user's deltas merged into the UNet once
         run["kwargs"]["unet_params"] = run["fold"](pipe.unet_params)
     if run:

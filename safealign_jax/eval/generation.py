@@ -92,14 +92,16 @@ def describe_model(pipeline: str, checkpoint: str = "", step: int | None = None,
     }
 
 
-def load_model(pipeline: str, checkpoint: str = "", step: int | None = None, dtype: str = "float32") -> Model:
+def load_model(pipeline: str, checkpoint: str = "", step: int | None = None, dtype: str = "float32",
+               attention: str = "auto") -> Model:
     """The base pipeline folder with an optional training / merge workdir (`trained.load_trained`):
-    a LoRA or full delta is folded into the UNet; a PSA adapter is kept for per-image users."""
+    a LoRA or full delta is folded into the UNet; a PSA adapter is kept for per-image users.
+    `attention`: the UNet's attention implementation (`models.attention.IMPLEMENTATIONS`)."""
     check(dtype in ("float32", "bfloat16"), f"dtype {dtype!r} must be float32 or bfloat16.")
     description = describe_model(pipeline, checkpoint, step, dtype)
     if checkpoint:
         check(os.path.isdir(checkpoint), f"{checkpoint}: no such checkpoint folder (a training or merge workdir).")
-    pipe = load_pipeline(pipeline, dtype=jnp.dtype(dtype))
+    pipe = load_pipeline(pipeline, dtype=jnp.dtype(dtype), attention=attention)
     if not checkpoint:
         return Model(pipe=pipe, description=description)
     trained = load_trained(checkpoint, step)
