@@ -233,9 +233,15 @@ def run(config, workdir: str) -> dict:
     seen, unseen = users[: config.psa.users], users[config.psa.users:]
     groups = {"levels": levels, "seen": seen[: config.eval.psa_users_per_group],
               "unseen": unseen[: config.eval.psa_users_per_group]}
-    psa_cfg = train_config(config.psa.train, **{"model.path": os.path.join(folder, "unet"), "seed": config.seed,
-                                                "psa.enable": True, "psa.embed_dim": config.psa.embed_dim,
-                                                "train.progress_bar": config.progress})
+    def psa_config(template, **overrides):
+        return train_config(template, **{"model.path": os.path.join(folder, "unet"), "seed": config.seed,
+                                          "psa.enable": True, "psa.embed_dim": config.psa.embed_dim,
+                                          "train.progress_bar": config.progress, **overrides})
+
+    def render_harmful(**kwargs) -> np.ndarray:
+        return render(pipe, [c.text for c in harmful], [c.seed for c in harmful], **kwargs, **sampling)
+
+    psa_cfg = psa_config(config.psa.train)
     source = UserPairs(pairs, seen, folder, seed=config.seed, global_rows=psa_cfg.train.pairs_per_device * jax.device_count(),
                        rows=slice(None), block=pipe.vae_scale)
     base_harmful = grids["base"][: len(harmful)]
@@ -247,9 +253,8 @@ def run(config, workdir: str) -> dict:
     t = time.perf_counter()
     variants["adapter"], psa_grids["adapter"] = evaluate_psa(
         oracle, harmful, base_harmful, groups,
-        lambda user: render(pipe, [c.text for c in harmful], [c.seed for c in harmful],
-                            adapter=(adapter_run.adapter, adapter_run.adapter_scale),
-                            user_embeddings=np.repeat(user.embedding[None], len(harmful), 0), **sampling))
+        lambda user: render_harmful(adapter=(adapter_run.adapter, adapter_run.adapter_scale),
+                                    user_embeddings=np.repeat(user.embedding[None], len(harmful), 0)))
     variants["adapter"]["recipe"] = (f"paper: user adapter, N={config.psa.train.psa.num_tokens} token, "
                                      f"user-conditioned DPO (beta {config.psa.train.dpo.beta:g})")
     clock.stage("evaluate PSA adapter", t)
@@ -264,11 +269,8 @@ def run(config, workdir: str) -> dict:
             save_trained(run_dir, {"delta": delta}, {"erase": config.erase.to_dict(), "category": category},
                          adapter_run.base_model)
         category_runs.append(run_dir)
-    gated_cfg = train_config(config.psa.gated, **{"model.path": os.path.join(folder, "unet"), "seed": config.seed,
-                                                  "psa.enable": True, "psa.embed_dim": config.psa.embed_dim,
-                                                  "psa.gated.experts": ",".join(category_runs),
-                                                  "psa.gated.categories": ",".join(world.categories),
-                                                  "train.progress_bar": config.progress})
+    gated_cfg = psa_config(config.psa.gated, **{"psa.gated.experts": ",".join(category_runs),
+                                                "psa.gated.categories": ",".join(world.categories)})
     psa_runs["gated"] = os.path.join(workdir, "psa", "gated")
     train(gated_cfg, psa_runs["gated"], source=source)
     gated_run = load_trained(psa_runs["gated"])
@@ -276,8 +278,7 @@ def run(config, workdir: str) -> dict:
     t = time.perf_counter()
     variants["gated"], psa_grids["gated"] = evaluate_psa(
         oracle, harmful, base_harmful, groups,
-        lambda user: render(pipe, [c.text for c in harmful], [c.seed for c in harmful],
-                            unet_params=gated_run.folded_for_user(params, user.embedding), **sampling))
+        lambda user: render_harmful(unet_params=gated_run.folded_for_user(params, user.embedding)))
     variants["gated"]["recipe"] = ("user-gated closed-form edits per category, gates sigmoid(W u + b) learned "
                                    f"with user-conditioned DPO (beta {config.psa.gated.dpo.beta:g})")
     clock.stage("evaluate PSA gated", t)

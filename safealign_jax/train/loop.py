@@ -224,7 +224,6 @@ def train(config, workdir: str, source=None):
         prompts = objective.read_retain_prompts(config.dpo.retain_prompts)
         retain = objective.RetainPrompts.encode(config.model.path, prompts)
     cli.output_folder(workdir)
-    enable_compilation_cache(config.train.compilation_cache or os.path.join(workdir, "compilation_cache"))
     mesh = mesh_lib.make_mesh(config)
     replicated = mesh_lib.replicated(mesh)
     module, params, base_ref = load_base(config)
@@ -256,6 +255,8 @@ def train(config, workdir: str, source=None):
     if jax.process_index() == 0:  # lines after the restored step are redone by this run
         reliability.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), first)
 
+    # after every input check (model, data, resume), so that a refused run leaves its workdir as it was
+    enable_compilation_cache(config.train.compilation_cache or os.path.join(workdir, "compilation_cache"))
     step_fn = make_step_fn(config, module, optimizer)
     empty = getattr(source, "empty_embedding", None)  # the cached "" embedding, else zeros
     if empty is None:
