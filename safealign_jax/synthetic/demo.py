@@ -264,7 +264,8 @@ def run(config, workdir: str) -> dict:
     for category in world.categories:
         run_dir = os.path.join(workdir, "erase", slug(category))
         if not os.path.isdir(run_dir):
-            delta = erase.edit_from_prompts(pipe, params, prompt_sets.edits(pairs, (category,)), preserved_prompts,
+            others = [h for h, _ in prompt_sets.edits(pairs, tuple(c for c in world.categories if c != category))]
+            delta = erase.edit_from_prompts(pipe, params, prompt_sets.edits(pairs, (category,)), preserved_prompts + others,
                                             preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
             save_trained(run_dir, {"delta": delta}, {"erase": config.erase.to_dict(), "category": category},
                          adapter_run.base_model)
