@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_helper import without_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests/train_helper.py"
@@ -83,15 +84,6 @@ def single(tmp_path_factory, cache) -> Path:
         job(tmp, "other_rank", "b", **common, **{"train.steps": 12, "lora.rank": 3}),
     ], cache)
     return tmp
-
-
-SPEED = ("pairs_per_s", "tflops_per_s", "mfu")
-
-
-def without_speed(line: str) -> dict:
-    record = json.loads(line)
-    assert all(k in record for k in SPEED) or not any(k in record for k in SPEED), record
-    return {k: v for k, v in record.items() if k not in SPEED}
 
 
 def test_resume_matches_uninterrupted_run(single):
