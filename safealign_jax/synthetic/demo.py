@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from safealign_jax import erase, lora, merge
+from safealign_jax import lora, merge
 from safealign_jax.data.categories import slug
 from safealign_jax.pipeline import load_pipeline
 from safealign_jax.synthetic import base_model, metrics, prompt_sets, report
@@ -176,8 +176,9 @@ def run(config, workdir: str) -> dict:
 
     # Closed-form cross-attention edit of every concept at once (no training).
     t = time.perf_counter()
-    erased = erase.edit_from_prompts(pipe, params, prompt_sets.edits(pairs), preserved_prompts,
-                                     preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
+    states = prompt_sets.EditStates.encode(pipe, pairs, world, preserved_prompts)
+    erased = states.edit(params, world.categories, keep_other_categories=False,
+                         preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
     add("erase", f"closed-form to_k/to_v edit of every concept (preserve weight {config.erase.preserve_weight})", erased)
     clock.stage("closed-form edit", t)
 
@@ -199,7 +200,7 @@ def run(config, workdir: str) -> dict:
         clock.stage(f"evaluate experts alone ({objective})", t)
         t = time.perf_counter()
         loaded = [load_trained(d) for d in experts.values()]
-        merged = merged_deltas(config, pipe, params, world, pairs, preserved_prompts, loaded, cache_dir,
+        merged = merged_deltas(config, pipe, params, world, states, loaded, cache_dir,
                                paper=objective == "dpo")
         for method, (recipe, delta) in merged.items():
             add(method if objective == "dpo" else f"{objective}_{method}", f"{label} + {recipe}", delta)
@@ -233,6 +234,7 @@ def run(config, workdir: str) -> dict:
     seen, unseen = users[: config.psa.users], users[config.psa.users:]
     groups = {"levels": levels, "seen": seen[: config.eval.psa_users_per_group],
               "unseen": unseen[: config.eval.psa_users_per_group]}
+
     def psa_config(template, **overrides):
         return train_config(template, **{"model.path": os.path.join(folder, "unet"), "seed": config.seed,
                                           "psa.enable": True, "psa.embed_dim": config.psa.embed_dim,
@@ -245,51 +247,51 @@ def run(config, workdir: str) -> dict:
     source = UserPairs(pairs, seen, folder, seed=config.seed, global_rows=psa_cfg.train.pairs_per_device * jax.device_count(),
                        rows=slice(None), block=pipe.vae_scale)
     base_harmful = grids["base"][: len(harmful)]
-    psa_runs, variants, psa_grids = {}, {}, {}
-    psa_runs["adapter"] = os.path.join(workdir, "psa", "adapter")
-    train(psa_cfg, psa_runs["adapter"], source=source)
-    adapter_run = load_trained(psa_runs["adapter"])
-    clock.stage("train PSA adapter (paper)", t)
-    t = time.perf_counter()
-    variants["adapter"], psa_grids["adapter"] = evaluate_psa(
-        oracle, harmful, base_harmful, groups,
-        lambda user: render_harmful(adapter=(adapter_run.adapter, adapter_run.adapter_scale),
-                                    user_embeddings=np.repeat(user.embedding[None], len(harmful), 0)))
-    variants["adapter"]["recipe"] = (f"paper: user adapter, N={config.psa.train.psa.num_tokens} token, "
-                                     f"user-conditioned DPO (beta {config.psa.train.dpo.beta:g})")
-    clock.stage("evaluate PSA adapter", t)
+    clock.stage("PSA users and user-conditioned pairs", t)
+    variants, psa_grids, psa_runs = {}, {}, {}
+
+    def psa_variant(name: str, train_cfg, render_for_user, recipe: str) -> None:
+        """Trains the PSA variant `name` (`render_for_user(run, user)` gives its images) and evaluates it."""
+        t = time.perf_counter()
+        run_dir = os.path.join(workdir, "psa", name)
+        train(train_cfg, run_dir, source=source)
+        psa_runs[name] = load_trained(run_dir)
+        clock.stage(f"train PSA {name}", t)
+        t = time.perf_counter()
+        variants[name], psa_grids[name] = evaluate_psa(oracle, harmful, base_harmful, groups,
+                                                       lambda user: render_for_user(psa_runs[name], user))
+        variants[name]["recipe"] = recipe
+        clock.stage(f"evaluate PSA {name}", t)
+
+    psa_variant("adapter", psa_cfg,
+                lambda run, user: render_harmful(adapter=(run.adapter, run.adapter_scale),
+                                                 user_embeddings=np.repeat(user.embedding[None], len(harmful), 0)),
+                f"paper: user adapter, N={config.psa.train.psa.num_tokens} token, "
+                f"user-conditioned DPO (beta {config.psa.train.dpo.beta:g})")
 
     t = time.perf_counter()
     category_runs = []
     for category in world.categories:
         run_dir = os.path.join(workdir, "erase", slug(category))
         if not os.path.isdir(run_dir):
-            others = [h for h, _ in prompt_sets.edits(pairs, tuple(c for c in world.categories if c != category))]
-            delta = erase.edit_from_prompts(pipe, params, prompt_sets.edits(pairs, (category,)), preserved_prompts + others,
-                                            preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
+            delta = states.edit(params, (category,), keep_other_categories=True,
+                                preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
             save_trained(run_dir, {"delta": delta}, {"erase": config.erase.to_dict(), "category": category},
-                         adapter_run.base_model)
+                         psa_runs["adapter"].base_model)
         category_runs.append(run_dir)
-    gated_cfg = psa_config(config.psa.gated, **{"psa.gated.experts": ",".join(category_runs),
-                                                "psa.gated.categories": ",".join(world.categories)})
-    psa_runs["gated"] = os.path.join(workdir, "psa", "gated")
-    train(gated_cfg, psa_runs["gated"], source=source)
-    gated_run = load_trained(psa_runs["gated"])
-    clock.stage("closed-form edit per category + train PSA gates", t)
-    t = time.perf_counter()
-    variants["gated"], psa_grids["gated"] = evaluate_psa(
-        oracle, harmful, base_harmful, groups,
-        lambda user: render_harmful(unet_params=gated_run.folded_for_user(params, user.embedding)))
-    variants["gated"]["recipe"] = ("user-gated closed-form edits per category, gates sigmoid(W u + b) learned "
-                                   f"with user-conditioned DPO (beta {config.psa.gated.dpo.beta:g})")
-    clock.stage("evaluate PSA gated", t)
+    clock.stage("closed-form edit per category", t)
+    psa_variant("gated", psa_config(config.psa.gated, **{"psa.gated.experts": ",".join(category_runs),
+                                                         "psa.gated.categories": ",".join(world.categories)}),
+                lambda run, user: render_harmful(unet_params=run.folded_for_user(params, user.embedding)),
+                "user-gated closed-form edits per category, gates sigmoid(W u + b) learned "
+                f"with user-conditioned DPO (beta {config.psa.gated.dpo.beta:g})")
 
     results["psa"] = {"variants": variants}
     results["recommended"] = {"safety": report.recommend_safety(methods), "psa": report.recommend_psa(variants)}
     t = time.perf_counter()
     recommended = results["recommended"]["safety"]
     results["exports"] = export(config, workdir, folder, {n: deltas[n] for n in dict.fromkeys(["comerge", recommended])
-                                                          if n in deltas}, recommended, adapter_run, params)
+                                                          if n in deltas}, recommended, psa_runs["adapter"], params)
     clock.stage("export", t)
     results["targets"] = report.targets(results)
     results["stages_s"] = clock.stages
@@ -358,7 +360,7 @@ def expert_table(world, oracle, pipe, params, experts: dict[str, str], harmful, 
     return out
 
 
-def merged_deltas(config, pipe, params, world, pairs, preserved_prompts, experts, cache_dir, paper: bool) -> dict:
+def merged_deltas(config, pipe, params, world, states, experts, cache_dir, paper: bool) -> dict:
     """{method: (recipe, delta tree)} of the experts' merges: Co-Merge and least-squares fusion
     of the text-keyed layers always; averaging, task arithmetic, TIES, DARE and Co-Merge with
     own-category statistics for the paper's experts."""
@@ -372,8 +374,7 @@ def merged_deltas(config, pipe, params, world, pairs, preserved_prompts, experts
     apply = merge.unet_apply(pipe.unet)
     statistics = merge.calibrate(apply, params, trees, scales, batches, m.statistic)
     comerged, _ = merge.comerge(trees, scales, statistics, granularity=m.granularity)
-    concept_states = [erase.preserved_states(pipe, [h for h, _ in prompt_sets.edits(pairs, (c,))]) for c in world.categories]
-    fused = merge.fuse(params, trees, concept_states, erase.preserved_states(pipe, preserved_prompts), scales=scales,
+    fused = merge.fuse(params, trees, [states.sources[c] for c in world.categories], states.preserved, scales=scales,
                        preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
     out = {"comerge": ("Co-Merge", comerged),
            "fusion": ("least-squares fusion of to_k/to_v, Co-Merge elsewhere", merge.combine(fused, comerged))}

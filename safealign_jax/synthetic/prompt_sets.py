@@ -8,6 +8,8 @@ CoProV2-style pairs' own prompts, and neutral-object scenes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from safealign_jax.synthetic.data import PairSet
@@ -33,3 +35,38 @@ def preserved(pairs: PairSet, world: World, seed: int) -> list[str]:
     """Prompts whose images must not change: the safe rewrites and as many neutral prompts."""
     safe = list(dict.fromkeys(pairs.safe_prompts))
     return safe + neutral_prompts(world, len(safe), seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class EditStates:
+    """The text states of the pairs and of the preserved prompts, encoded once for every
+    closed-form edit and fusion of the demo (`erase.solve_edit`, `merge.fuse`).
+
+    sources / targets: per category, the aligned (M, D) rows of its harmful prompts and of their
+    safe rewrites (`erase.prompt_states`); preserved: (P, D) rows of `preserved(...)`.
+    """
+
+    sources: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
+    preserved: np.ndarray
+
+    @classmethod
+    def encode(cls, pipe, pairs: PairSet, world: World, preserved_prompts: list[str]) -> EditStates:
+        from safealign_jax import erase
+
+        sources, targets = {}, {}
+        for category in world.categories:
+            harmful, safe = zip(*edits(pairs, (category,)), strict=True)
+            sources[category], targets[category] = erase.prompt_states(pipe, list(harmful), list(safe))
+        return cls(sources, targets, erase.preserved_states(pipe, preserved_prompts))
+
+    def edit(self, params: dict, categories, *, keep_other_categories: bool, preserve_weight: float,
+             ridge: float) -> dict:
+        """The closed-form edit of `categories` (harmful -> safe), the preserved prompts kept, and
+        with `keep_other_categories` the other categories' harmful prompts too."""
+        from safealign_jax import erase
+
+        others = [self.sources[c] for c in self.sources if c not in categories] if keep_other_categories else []
+        return erase.solve_edit(params, np.concatenate([self.sources[c] for c in categories]),
+                                np.concatenate([self.targets[c] for c in categories]),
+                                np.concatenate([self.preserved, *others]), preserve_weight=preserve_weight, ridge=ridge)
