@@ -6,24 +6,15 @@ train the all-single baseline and the PSA adapter, evaluate with the oracle, exp
     python scripts/demo.py --config configs/demo.py:quick --workdir runs/quick   # CI (~5 min)
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from safealign_jax.configs import train
 
 PRESETS = ("default", "quick")
 
 
-def _train_config(preset: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    spec = importlib.util.spec_from_file_location("_train_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
-
-
 def _expert(steps: int, lr: float, beta: float):
-    c = _train_config("tiny")
+    c = train.get_config("tiny")
     c.lora.rank, c.lora.alpha = 4, 4.0
     c.dpo.beta, c.dpo.caption_dropout = beta, 0.0
     c.optim.learning_rate, c.optim.scale_lr_by_pairs, c.optim.warmup_steps = lr, False, 20
