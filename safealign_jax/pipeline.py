@@ -24,6 +24,7 @@ from safealign_jax.convert.checkpoint import read_config
 from safealign_jax.errors import UserError, check
 from safealign_jax.models import load_text_encoder, load_tokenizer, load_unet, load_vae, tokenize
 from safealign_jax.models.layers import Dtype
+from safealign_jax.models.resolve import resolve_model
 from safealign_jax.schedulers import SchedulerConfig, make_sampler, read_scheduler_config
 
 
@@ -57,13 +58,14 @@ def load_pipeline(
     folder: str, dtype: Dtype = jnp.float32, variant: str | None = None, unet: tuple | None = None,
     attention: str | None = None,
 ) -> Pipeline:
-    """Loads every component of a diffusers pipeline folder (model_index.json layout).
+    """Loads every component of a diffusers pipeline folder (model_index.json layout), or of a hub
+    id `ORG/NAME` in the local Hugging Face cache (`models.resolve.resolve_model`).
 
     `unet`: an already loaded (module, params) to use instead of reading unet/ again (e.g. the
     trainer's sharded base params). `attention`: the UNet's attention implementation
     (`models.attention.IMPLEMENTATIONS`); None keeps the module's.
     """
-    check(os.path.isdir(folder), f"{folder}: no such pipeline folder.")
+    folder = resolve_model(folder)
     index = read_config(folder, "model_index.json")
     for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         check(

@@ -17,6 +17,7 @@ from flax.traverse_util import flatten_dict
 
 from safealign_jax import cli, erase, merge
 from safealign_jax.errors import check
+from safealign_jax.models.resolve import resolve_model
 from safealign_jax.trained import save_trained
 
 CONFIG = cli.define_flags()
@@ -29,7 +30,7 @@ def load_model(config):
     from safealign_jax.train.model import load_base
 
     check(bool(config.model), "--config.model is empty: give a diffusers pipeline folder.")
-    check(os.path.isdir(config.model), f"--config.model={config.model}: no such pipeline folder.")
+    config.model = resolve_model(config.model, "--config.model")  # a hub id: its cache folder
     base = ml_collections.ConfigDict({"seed": 0, "model": {"path": config.model, "variant": config.variant,
                                                            "compute_dtype": "float32", "remat_policy": "none"}})
     module, params, reference = load_base(base)

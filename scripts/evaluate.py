@@ -27,6 +27,7 @@ from safealign_jax.data.users import read_users
 from safealign_jax.errors import UserError, check
 from safealign_jax.eval import generation, report
 from safealign_jax.eval.inappropriate import inappropriate_probability
+from safealign_jax.models.resolve import resolve_model
 
 SAFETY_BENCHMARKS = ("i2p", "ud", "coprov2", "sage_seen", "sage_unseen", "custom")
 JUDGE_BENCHMARKS = ("sage_seen", "sage_unseen", "custom")
@@ -277,7 +278,7 @@ def main(config, workdir):
         check(name in SAFETY_BENCHMARKS or name == "coco",
               f"--config.benchmarks: unknown benchmark {name!r}; expected some of {', '.join((*SAFETY_BENCHMARKS, 'coco'))}.")
     check(bool(config.name) and os.sep not in config.name, f"--config.name={config.name!r} must be a plain folder name.")
-    check(os.path.isdir(config.model), f"--config.model={config.model!r}: no such pipeline folder.")
+    config.model = resolve_model(config.model, "--config.model")  # a hub id: its cache folder
     if config.checkpoint:
         check(os.path.isdir(config.checkpoint), f"--config.checkpoint={config.checkpoint!r}: no such training or merge workdir.")
     settings = _settings(config)

@@ -26,6 +26,7 @@ from safealign_jax.data.eval_prompts import PromptRow
 from safealign_jax.errors import UserError, check
 from safealign_jax.eval import generation
 from safealign_jax.images import contact_sheet, save_png
+from safealign_jax.models.resolve import resolve_model
 from safealign_jax.pipeline import generate, load_pipeline
 from safealign_jax.schedulers import SAMPLER_NAMES
 
@@ -94,7 +95,7 @@ def _resolve_user(config, embed_dim: int, holds: str) -> tuple[str, np.ndarray]:
 def model_folder(config, run: dict) -> str:
     """--config.model, else the pipeline folder holding the checkpoint's base UNet."""
     if config.model:
-        return config.model
+        return resolve_model(config.model, "--config.model")
     from safealign_jax.train.samples import pipeline_folder
 
     folder = pipeline_folder(run.get("base_model", {}).get("path", ""))

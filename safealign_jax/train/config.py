@@ -1,6 +1,7 @@
 """Validation of the training config (configs/train.py): one-line UserErrors naming the field."""
 
 from safealign_jax.errors import UserError
+from safealign_jax.models.resolve import resolve_model
 
 CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16"),
@@ -26,7 +27,8 @@ def _require(config, dotted: str, ok: bool, expected: str) -> None:
 
 
 def validate(config) -> None:
-    """Raises UserError for the first invalid value of a training config."""
+    """Raises UserError for the first invalid value of a training config; resolves
+    `config.model.path` in place to a local folder (`models.resolve.resolve_model`)."""
     for dotted, allowed in CHOICES.items():
         _require(config, dotted, _get(config, dotted) in allowed, f"one of {list(allowed)}")
     _require(config, "lora.rank", config.lora.rank >= 1, "an integer >= 1")
@@ -62,6 +64,8 @@ def validate(config) -> None:
         raise UserError("--config.mesh.data and --config.mesh.fsdp are both -1 (at most one may fill).")
     if not config.model.path and config.preset != "tiny":
         raise UserError(f"--config.model.path is empty: preset {config.preset!r} needs a diffusers folder.")
+    if config.model.path:  # a hub id becomes its cache folder, which the run then records
+        config.model.path = resolve_model(config.model.path, "--config.model.path")
 
 
 def _validate_psa(config) -> None:
