@@ -51,13 +51,6 @@ def _layer_deltas(category_deltas: Sequence[dict]) -> dict[tuple[str, ...], list
     return layers
 
 
-def _factor(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Truncated SVD of delta (in, out) -> a (in, rank), b (rank, out), a b = best rank-`rank` fit."""
-    u, s, vt = np.linalg.svd(delta, full_matrices=False)
-    root = np.sqrt(s[:rank])
-    return u[:, :rank] * root, root[:, None] * vt[:rank]
-
-
 def init(category_deltas: Sequence[dict], embed_dim: int, *, rank: int | None = None,
          init_bias: float = 0.0, key: jax.Array | None = None) -> dict:
     """A gated tree (float32) from C category delta trees {P: {"delta": (in, out)}}.
@@ -82,7 +75,7 @@ def init(category_deltas: Sequence[dict], embed_dim: int, *, rank: int | None = 
     for path, values in layers.items():
         fan_in, fan_out = next(v.shape for v in values if v is not None)
         r = min(fan_in, fan_out) if rank is None else min(rank, fan_in, fan_out)
-        factors = [_factor(np.zeros((fan_in, fan_out)) if v is None else v, r) for v in values]
+        factors = [lora.factor(np.zeros((fan_in, fan_out)) if v is None else v, r) for v in values]
         experts[(*path, "a")] = jnp.asarray(np.stack([a for a, _ in factors]), jnp.float32)
         experts[(*path, "b")] = jnp.asarray(np.stack([b for _, b in factors]), jnp.float32)
     kernel = jnp.zeros((embed_dim, count), jnp.float32)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from safealign_jax.errors import UserError, check
@@ -134,6 +135,43 @@ def init(key: jax.Array, params, config: LoRAConfig) -> dict:
         flat[(*modules, "a")] = a
         flat[(*modules, "b")] = jnp.zeros((config.rank, fan_out), jnp.float32)
     return traverse_util.unflatten_dict(flat)
+
+
+def factor(delta, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Truncated SVD of a delta (in, out) -> a (in, r), b (r, out), float64, with a b the best
+    rank-r approximation of delta (Frobenius) and r = min(rank, in, out)."""
+    u, s, vt = np.linalg.svd(np.asarray(delta, np.float64), full_matrices=False)
+    root = np.sqrt(s[:rank])
+    return u[:, :rank] * root, root[:, None] * vt[:rank]
+
+
+def from_delta(key: jax.Array, params, config: LoRAConfig, delta_tree: dict) -> dict:
+    """A LoRA tree for `params` that starts at the rank-r fit of a delta tree (e.g. a closed-form
+    concept edit, `safealign_jax.erase`), so that training refines the edit instead of starting
+    from zero.
+
+    Every layer of `delta_tree` {P: {"delta": (in, out)}} gets s a b = the best rank-r
+    approximation of its delta (`factor`, the scale s divided out; components of a zero singular
+    value are left as `init` draws them); the other target layers are initialised as `init`
+    does (b = 0).
+
+    Raises:
+      UserError if a layer of `delta_tree` is not among `config.targets`' layers of `params`.
+    """
+    tree = traverse_util.flatten_dict(init(key, params, config))
+    root_scale = config.scale**0.5
+    for path, d in traverse_util.flatten_dict(delta_tree).items():
+        module = path[:-1]
+        check(path[-1] == "delta" and (*module, "a") in tree,
+              f"the initial delta's layer {'/'.join(module)!r} is not a LoRA target of this model "
+              f"(targets {list(config.targets)}).")
+        a, b = factor(d, config.rank)
+        # Components of a zero singular value keep init's (random a, zero b): a = b = 0 would
+        # get no gradient.
+        used = np.flatnonzero(np.linalg.norm(b, axis=1) > 1e-6 * max(np.linalg.norm(b, axis=1).max(), 1e-30))
+        tree[(*module, "a")] = tree[(*module, "a")].at[:, used].set(jnp.asarray(a[:, used] / root_scale, jnp.float32))
+        tree[(*module, "b")] = tree[(*module, "b")].at[used].set(jnp.asarray(b[used] / root_scale, jnp.float32))
+    return traverse_util.unflatten_dict(tree)
 
 
 def variables(lora_tree: dict, scale: float) -> dict:

@@ -218,3 +218,39 @@ def test_parity_with_peft(tiny_unet, tiny_unet_dir, apply):
     err = relative_error(ours, reference)
     print(f"LoRA vs peft: relative max abs error {err:.2e}")
     assert err <= 1e-4
+
+
+def test_from_delta_starts_at_the_rank_r_fit(tiny_unet):
+    """A LoRA initialised from a delta: s a b is the best rank-r fit of the delta (exact for a
+    delta of rank <= r), zero-singular-value components keep a random a (so they still train),
+    the other targets start as `init` (b = 0), and a delta on a non-target layer is refused."""
+    _, params = tiny_unet
+    config = lora.LoRAConfig(rank=2, alpha=3)
+    paths = lora.targets(params)
+    kernels = traverse_util.flatten_dict(params)
+    rng = np.random.default_rng(0)
+    low, full = paths[0], paths[1]
+    fan_in, fan_out = kernels[(*low.split("/"), "kernel")].shape
+    rank_one = np.outer(rng.standard_normal(fan_in), rng.standard_normal(fan_out))
+    fan_in2, fan_out2 = kernels[(*full.split("/"), "kernel")].shape
+    dense = rng.standard_normal((fan_in2, fan_out2))
+    deltas = traverse_util.unflatten_dict({(*low.split("/"), "delta"): rank_one, (*full.split("/"), "delta"): dense})
+    tree = lora.from_delta(jax.random.key(0), params, config, deltas)
+    product = traverse_util.flatten_dict(lora.delta(tree, config.scale))
+    np.testing.assert_allclose(product[(*low.split("/"), "delta")], rank_one, atol=1e-5)
+    u, s, vt = np.linalg.svd(dense)
+    best = (u[:, :2] * s[:2]) @ vt[:2]
+    np.testing.assert_allclose(product[(*full.split("/"), "delta")], best, atol=1e-4)
+    flat = traverse_util.flatten_dict(tree)
+    fresh = traverse_util.flatten_dict(lora.init(jax.random.key(0), params, config))
+    # rank-one delta: the second component is init's random a with a zero b.
+    np.testing.assert_array_equal(flat[(*low.split("/"), "a")][:, 1], fresh[(*low.split("/"), "a")][:, 1])
+    assert np.abs(flat[(*low.split("/"), "a")][:, 1]).max() > 0
+    np.testing.assert_array_equal(flat[(*low.split("/"), "b")][1], 0)
+    for other in paths[2:]:
+        np.testing.assert_array_equal(flat[(*other.split("/"), "a")], fresh[(*other.split("/"), "a")])
+        np.testing.assert_array_equal(flat[(*other.split("/"), "b")], 0)
+    narrow = lora.LoRAConfig(rank=2, targets=[r"attn1/to_q$"])
+    with pytest.raises(UserError, match="is not a LoRA target"):
+        lora.from_delta(jax.random.key(0), params, narrow,
+                        traverse_util.unflatten_dict({(*paths[1].split("/"), "delta"): dense}))
