@@ -1,4 +1,5 @@
-"""Merging SafetyDPO safety experts (one LoRA per category) into one model (SPEC.md section 2).
+"""Merging SafetyDPO safety experts (one LoRA per category) into one model (docs/METHODS.md
+section 2; SafetyDPO, arXiv 2412.10493).
 
 Every method maps the experts (LoRA trees {P: {"a": (in, r), "b": (r, out)}} with scales
 alpha / r, or delta trees) to one delta tree {P: {"delta": (in, out)}} with the same paths,
@@ -17,7 +18,11 @@ foldable into the UNet (`lora.fold_delta`) or read by `Dense` from the "lora" co
         combine(fused, other_merge) fills in the other layers; delta_norm(tree) -> Frobenius norm
 
 `load_experts(expert_paths(spec))` reads expert checkpoints and checks that they share their base
-model and their layers / shapes. scripts/merge.py drives all of this from configs/merge.py.
+model and their layers / shapes. One call runs a whole merge with the settings of configs/merge.py
+(used by scripts/merge.py and the synthetic demo):
+
+    merge_experts(method, Experts.of(names, trained), config, load_base(trained)) -> Merged
+        (.delta, .wins, .statistics, .timings_s, .delta_norm); summarize(...) -> merge_summary.json
 """
 
 from safealign_jax.merge.calibration import STATISTICS, cache_batches, calibrate, unet_apply
@@ -25,7 +30,20 @@ from safealign_jax.merge.comerge import GRANULARITIES, comerge
 from safealign_jax.merge.experts import expert_name, expert_paths, load_experts
 from safealign_jax.merge.fusion import combine, fuse, read_concepts
 from safealign_jax.merge.methods import dare, linear, task_arithmetic, ties, trim
+from safealign_jax.merge.pipeline import (
+    METHODS,
+    RUN_BASE,
+    Base,
+    Experts,
+    FusionStates,
+    Merged,
+    check_settings,
+    fusion_states,
+    load_base,
+    merge_experts,
+)
 from safealign_jax.merge.refactor import to_lora
+from safealign_jax.merge.summary import summarize
 from safealign_jax.merge.trees import (
     TEXT_KEYED,
     check_compatible,
@@ -36,7 +54,9 @@ from safealign_jax.merge.trees import (
 )
 
 __all__ = [
-    "GRANULARITIES", "STATISTICS", "TEXT_KEYED", "cache_batches", "calibrate", "check_compatible",
-    "check_same_base", "combine", "comerge", "dare", "delta_norm", "delta_tree", "expert_deltas", "expert_name",
-    "expert_paths", "fuse", "linear", "load_experts", "read_concepts", "task_arithmetic", "ties", "to_lora", "trim", "unet_apply",
+    "GRANULARITIES", "METHODS", "RUN_BASE", "STATISTICS", "TEXT_KEYED", "Base", "Experts", "FusionStates", "Merged",
+    "cache_batches", "calibrate", "check_compatible", "check_same_base", "check_settings", "combine", "comerge",
+    "dare", "delta_norm", "delta_tree", "expert_deltas", "expert_name", "expert_paths", "fuse", "fusion_states",
+    "linear", "load_base", "load_experts", "merge_experts", "read_concepts", "summarize", "task_arithmetic", "ties",
+    "to_lora", "trim", "unet_apply",
 ]

@@ -12,6 +12,7 @@ Stages (each reuses its output when re-run in the same workdir):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -219,9 +220,9 @@ def run(config, workdir: str) -> dict:
 
     # Concept-scaling curve: the first k categories removed by all-single vs experts + Co-Merge.
     t = time.perf_counter()
-    trees, scales = [e.lora for e in paper_experts], [e.lora_scale for e in paper_experts]
-    results["scaling"] = scaling_curve(config, world, oracle, pipe, params, trees, scales, cache_dir, expert_cfg,
-                                       workdir, harmful, sampling)
+    curve = CurveSetup(world, oracle, pipe, params, harmful, sampling, expert_cfg, merge_settings(config, cache_dir),
+                       os.path.join(workdir, "scaling"))
+    results["scaling"] = scaling_curve(config, curve, merge.Experts.of(world.categories, paper_experts))
     results["scaling"].append({"categories": len(world.categories), "concepts": len(world.concepts),
                                "ip_all_single": methods["all_single"]["ip"], "ip_experts_comerge": methods["comerge"]["ip"]})
     clock.stage("concept-scaling curve", t)
@@ -360,63 +361,93 @@ def expert_table(world, oracle, pipe, params, experts: dict[str, str], harmful, 
     return out
 
 
+def merge_settings(config, cache_dir: str):
+    """configs/merge.py's settings for the demo's merges: config.merge's Co-Merge calibrated on
+    `cache_dir` (seed config.seed), fusion with the closed-form edit's preserve weight and ridge
+    and Co-Merge on the other layers."""
+    from safealign_jax.configs import merge as merge_configs
+
+    m = config.merge
+    return train_config(merge_configs.get_config(), **{
+        "seed": config.seed, "comerge.granularity": m.granularity, "comerge.statistic": m.statistic,
+        "calibration.cache_dir": cache_dir, "calibration.num_examples": m.calibration_examples,
+        "calibration.batch_size": m.calibration_batch, "calibration.seed": config.seed,
+        "fusion_preserve_weight": config.erase.preserve_weight, "fusion_ridge": config.erase.ridge,
+        "fusion_rest": "comerge"})
+
+
 def merged_deltas(config, pipe, params, world, states, experts, cache_dir, paper: bool) -> dict:
     """{method: (recipe, delta tree)} of the experts' merges: Co-Merge and least-squares fusion
     of the text-keyed layers always; averaging, task arithmetic, TIES, DARE and Co-Merge with
     own-category statistics for the paper's experts."""
     from safealign_jax.schedulers import ddpm_schedule
 
-    m = config.merge
-    trees, scales = [e.lora for e in experts], [e.lora_scale for e in experts]
-    schedule = ddpm_schedule(pipe.scheduler)
-    batches = merge.cache_batches(cache_dir, schedule, num_examples=m.calibration_examples,
-                                  batch_size=m.calibration_batch, seed=config.seed)
-    apply = merge.unet_apply(pipe.unet)
-    statistics = merge.calibrate(apply, params, trees, scales, batches, m.statistic)
-    comerged, _ = merge.comerge(trees, scales, statistics, granularity=m.granularity)
-    fused = merge.fuse(params, trees, [states.sources[c] for c in world.categories], states.preserved, scales=scales,
-                       preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
-    out = {"comerge": ("Co-Merge", comerged),
-           "fusion": ("least-squares fusion of to_k/to_v, Co-Merge elsewhere", merge.combine(fused, comerged))}
+    m, settings = config.merge, merge_settings(config, cache_dir)
+    group = merge.Experts.of(world.categories, experts)
+    base = merge.Base(pipe.unet, params, ddpm_schedule(pipe.scheduler))
+
+    def merged(method, statistics=None, text_states=None, **overrides) -> merge.Merged:
+        return merge.merge_experts(method, group, train_config(settings, **overrides), base, statistics=statistics,
+                                   text_states=text_states)
+
+    comerged = merged("comerge")
+    text_states = merge.FusionStates([states.sources[c] for c in world.categories], states.preserved)
+    out = {"comerge": ("Co-Merge", comerged.delta),
+           "fusion": ("least-squares fusion of to_k/to_v, Co-Merge elsewhere",
+                      merged("fusion", comerged.statistics, text_states).delta)}
     if paper:
-        own = merge.calibrate(apply, params, trees, scales, [merge.cache_batches(
-            cache_dir, schedule, num_examples=m.calibration_examples, batch_size=m.calibration_batch, seed=config.seed,
-            category=category) for category in world.categories], m.statistic)
         out.update({
-            "average": ("average", merge.linear(trees, scales)),
-            "task_arithmetic": (f"task arithmetic (lambda {m.task_lambda:g})", merge.task_arithmetic(trees, scales, lam=m.task_lambda)),
-            "ties": ("TIES", merge.ties(trees, scales, density=m.ties_density, lam=m.ties_lambda)),
-            "dare": ("DARE", merge.dare(trees, scales, key=jax.random.key(config.seed), drop=m.dare_drop)),
+            "average": ("average", merged("linear").delta),
+            "task_arithmetic": (f"task arithmetic (lambda {m.task_lambda:g})",
+                                merged("task_arithmetic", lam=m.task_lambda).delta),
+            "ties": ("TIES", merged("ties", density=m.ties_density, lam=m.ties_lambda).delta),
+            "dare": ("DARE", merged("dare", drop=m.dare_drop).delta),
             "comerge_own": ("Co-Merge, statistics from each expert's own category",
-                            merge.comerge(trees, scales, own, granularity=m.granularity)[0]),
+                            merged("comerge", statistics_from="own_category").delta),
         })
     return out
 
 
-def scaling_curve(config, world, oracle, pipe, params, trees, scales, cache_dir, expert_cfg, workdir, harmful,
-                  sampling) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class CurveSetup:
+    """What the concept-scaling curve trains, merges and scores with: the world and its oracle,
+    the base pipeline and UNet params, the harmful cases and sampling settings, the experts'
+    training config, the merge settings (`merge_settings`) and the folder of its all-single runs."""
+
+    world: World
+    oracle: Oracle
+    pipe: object
+    params: dict
+    harmful: list[PromptCase]
+    sampling: dict
+    expert_config: object
+    merge_settings: object
+    folder: str
+
+
+def scaling_curve(config, setup: CurveSetup, experts: merge.Experts) -> list[dict]:
     """IP on the first k categories' harmful prompts, for k in config.curve.categories: all-single
     trained on those k categories for k x the expert steps vs Co-Merge of their k experts."""
     from safealign_jax.schedulers import ddpm_schedule
 
+    world, pipe, params = setup.world, setup.pipe, setup.params
+    base = merge.Base(pipe.unet, params, ddpm_schedule(pipe.scheduler))
     points = []
-    batches = merge.cache_batches(cache_dir, ddpm_schedule(pipe.scheduler), num_examples=config.merge.calibration_examples,
-                                  batch_size=config.merge.calibration_batch, seed=config.seed)
     for k in config.curve.categories:
         k = min(k, len(world.categories))
         chosen = world.categories[:k]
-        cases = [c for c in harmful if world.category_of(c.scene.object) in chosen]
-        run_dir = os.path.join(workdir, "scaling", f"all_single_{k}")
+        cases = [c for c in setup.harmful if world.category_of(c.scene.object) in chosen]
+        run_dir = os.path.join(setup.folder, f"all_single_{k}")
         steps = config.expert.train.steps * k
-        train(train_config(expert_cfg, **{"data.category": ",".join(chosen), "train.steps": steps,
-                                          "train.checkpoint_every": steps}), run_dir)
+        train(train_config(setup.expert_config, **{"data.category": ",".join(chosen), "train.steps": steps,
+                                                   "train.checkpoint_every": steps}), run_dir)
         single = load_trained(run_dir)
-        stats = merge.calibrate(merge.unet_apply(pipe.unet), params, trees[:k], scales[:k], batches, config.merge.statistic)
-        comerged, _ = merge.comerge(trees[:k], scales[:k], stats, granularity=config.merge.granularity)
+        comerged = merge.merge_experts("comerge", experts.first(k), setup.merge_settings, base).delta
         point = {"categories": k, "concepts": sum(len(world.concepts_in(c)) for c in chosen)}
         for name, unet_params in (("all_single", single.folded(params)), ("experts_comerge", lora.fold_delta(params, comerged))):
-            images = render(pipe, [c.text for c in cases], [c.seed for c in cases], unet_params=unet_params, **sampling)
-            seen = oracle.read(images).scenes(world)
+            images = render(pipe, [c.text for c in cases], [c.seed for c in cases], unet_params=unet_params,
+                            **setup.sampling)
+            seen = setup.oracle.read(images).scenes(world)
             point[f"ip_{name}"] = float(np.mean([s.object == c.scene.object for s, c in zip(seen, cases, strict=True)]))
         points.append(point)
     return points
