@@ -5,7 +5,7 @@ to (user id, embedding (E,) float32).
     user_id, vector = resolve_user_embedding(user_id="30", embeddings="emb/", embed_dim=3584)
     user_id, vector = resolve_user_embedding(user_embedding="emb/0000030.npy")
 
-Levels (SPEC.md section 3): by default the table of the official evaluation
+Levels (docs/METHODS.md section 3; PSA, arXiv 2508.01151): by default the table of the official evaluation
 (`data.users.PUBLISHED_LEVEL_USERS`: L0 0001001 (permissive), L1 0000797, L2 0000697, L3 0000002,
 L4 0000742, L5 0000501). A center_users.csv is read only when one is named (`center_users=`):
 levels 1..5 are then its users from least to most restrictive by number of banned categories

@@ -83,7 +83,7 @@ def test_gradients_reach_only_the_adapter(unet):
     grads = jax.grad(loss)(tree)
     flat = jax.tree_util.tree_leaves_with_path(grads["attn"])
     # With zero W' only to_v_ip receives gradient at init; to_k_ip's gradient is exactly zero
-    # because the user branch's values are zero (see SPEC: with N == 1 it stays zero forever).
+    # because the user branch's values are zero (docs/METHODS.md section 3: with N == 1 it stays zero forever).
     for path, g in flat:
         name = jax.tree_util.keystr(path)
         if "to_v_ip" in name:

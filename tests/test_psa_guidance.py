@@ -1,4 +1,4 @@
-"""Classifier-free guidance with a PSA adapter (SPEC.md section 3): the unconditional branch uses
+"""Classifier-free guidance with a PSA adapter (docs/METHODS.md section 3): the unconditional branch uses
 the negative prompt and proj(zero vector), the conditional one the user's embedding."""
 
 import jax

@@ -1,5 +1,5 @@
 """PSA adapter sizes of the real SD1.5 and SDXL UNet structures (abstract shapes only, nothing
-computed) against SPEC.md section 3: SD1.5 16 cross-attentions, W_k' + W_v' ~19.2M, projection
+computed) against docs/METHODS.md section 3: SD1.5 16 cross-attentions, W_k' + W_v' ~19.2M, projection
 ~2.75M; SDXL 70 cross-attentions, ~340.8M + ~7.35M (E = 3584, N = 1)."""
 
 import jax
@@ -32,6 +32,6 @@ def test_adapter_sizes_match_the_spec(config, layers, attention, projection):
     counts = adapter.count(tree)
     assert len(adapter.cross_attention_paths(params)) == layers
     assert counts == {"projection": projection, "attention": attention, "total": projection + attention}
-    # the SPEC's rounded figures
+    # the rounded figures of docs/METHODS.md section 3
     spec = {16: (19.2e6, 2.75e6), 70: (340.8e6, 7.35e6)}[layers]
     assert abs(attention - spec[0]) < 0.05e6 and abs(projection - spec[1]) < 0.005e6

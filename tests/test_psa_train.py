@@ -53,7 +53,7 @@ def test_gradients_reach_only_the_adapter(base):
     v_ip = [k for k in moved if k.endswith("['to_v_ip']")]
     k_ip = [k for k in moved if k.endswith("['to_k_ip']")]
     assert v_ip and all(moved[k] for k in v_ip)
-    # N = 1: softmax over one user key is 1, so W_k' gets exactly zero gradient (SPEC.md section 3)
+    # N = 1: softmax over one user key is 1, so W_k' gets exactly zero gradient (docs/METHODS.md section 3)
     assert k_ip and not any(moved[k] for k in k_ip)
     # the reference ignores the adapter: other adapter values, same reference errors
     moved_tree = {"adapter": {**trainable["adapter"],

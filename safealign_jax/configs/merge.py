@@ -1,4 +1,4 @@
-"""Merging safety experts into one model (SPEC.md section 2). Presets = methods:
+"""Merging safety experts into one model (docs/METHODS.md section 2; SafetyDPO, arXiv 2412.10493). Presets = methods:
 comerge (default), linear, task_arithmetic, ties, dare, fusion (least squares on the cross-attention
 key / value layers, keeping each expert's own concepts; the other layers by `fusion_rest`).
 
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.density = 0.2  # ties: fraction of each expert's entries kept (by magnitude, per layer)
     c.drop = 0.5  # dare: drop probability p (survivors rescaled by 1 / (1 - p))
     c.seed = 0  # dare masks
-    # comerge: each expert's input statistics from the SPEC's calibration set of all categories
+    # comerge: each expert's input statistics from the calibration set of all categories (METHODS.md s. 2)
     # ("all"), or from its own training category's prompts ("own_category", its run's data.category)
     c.statistics_from = "all"
     c.fusion_concepts = ""  # fusion: CSV expert,phrase (each expert's concepts; expert = its folder name)
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.comerge = ml_collections.ConfigDict()
     c.comerge.granularity = "weight"  # weight | row (one expert per output row)
-    c.comerge.statistic = "mean_abs"  # mean_abs (E|x_k|, SPEC) | rms (sqrt(E x_k^2))
+    c.comerge.statistic = "mean_abs"  # mean_abs (E|x_k|, SafetyDPO) | rms (sqrt(E x_k^2))
 
     c.calibration = ml_collections.ConfigDict()  # comerge only
     c.calibration.cache_dir = ""  # latent cache (scripts/prepare_data.py): harmful prompts, all categories

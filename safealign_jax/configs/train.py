@@ -4,7 +4,7 @@ smoke run), sd15, sd21, sdxl, psa_sd15, psa_sdxl.
     python scripts/train.py --config configs/train.py:sd15 --workdir runs/sd15 \
         --config.model.path=/models/sd15
 
-Hyperparameters of sd15/sd21/sdxl follow SPEC.md section 2 (official SafetyDPO recipe):
+Hyperparameters of sd15/sd21/sdxl follow docs/METHODS.md section 2 (official SafetyDPO recipe, arXiv 2412.10493):
 LoRA rank 4 = alpha on to_q/to_k/to_v/to_out.0, AdamW(0.9, 0.999, wd 1e-2, eps 1e-8),
 lr 1e-5 x pairs per step, 500 warm-up steps then constant, clip 1.0, 2,000 steps,
 16 pairs per device, beta 5000, caption dropout 0.2; SDXL (the official SDXL launcher): Adafactor,
@@ -12,7 +12,7 @@ lr 1e-5 NOT scaled by pairs, no warm-up, no gradient clipping, remat at 1024 px.
 Like the official script, which trains on every row of the released parquet table (each pair
 once with its harmful and once with its safe caption), they set data.both_captions=True.
 
-psa_sd15 / psa_sdxl (SPEC.md section 3, PSA): the user adapter (E=3584, N=1, lambda=1) trained on
+psa_sd15 / psa_sdxl (docs/METHODS.md section 3, PSA, arXiv 2508.01151): the user adapter (E=3584, N=1, lambda=1) trained on
 Sage (data.source=sage_cache + data.embeddings), beta 5000, fp32 adapter weights. SD1.5: AdamW
 lr 5e-6 (not scaled by pairs), 500 warm-up, 192 pairs per update (24 per device on 8 devices:
 keep pairs_per_device x devices x grad_accum = 192), 5,000 updates. SDXL: Adafactor, remat,

@@ -4,14 +4,14 @@ Every `safealign_jax.models.layers.Dense` sows, when the "calibration" collectio
 per-input-channel sums of |x| and x^2 and its row count. `calibrate` runs the calibration batches
 through the model once per expert (the expert's LoRA applied, one jit compile for all
 experts, batches accumulated on device) and returns per expert {P: (in,)}:
-    "mean_abs": E|x_k|          (SPEC.md section 2)
+    "mean_abs": E|x_k|          (docs/METHODS.md section 2)
     "rms":      sqrt(E x_k^2)
 over all input rows of the layer (every batch element, pixel / token position and call). All batches of one expert run in one
-compiled `lax.scan`. The batches are shared by all experts (the SPEC's calibration set), or one
+compiled `lax.scan`. The batches are shared by all experts (Co-Merge's calibration set), or one
 list per expert, e.g. its own category's prompts (`cache_batches(..., category=...)`), so that
 an expert's statistic measures the inputs it was trained to change.
 
-`cache_batches` builds the SPEC's calibration set for a UNet: harmful prompts of all categories
+`cache_batches` builds that calibration set for a UNet: harmful prompts of all categories
 (their text states from the latent cache), random timesteps t ~ U{0..T-1} and noise eps ~ N(0, I),
 the sample being the noised cached latent of the harmful image (x_t = sqrt(a_t) x0 +
 sqrt(1 - a_t) eps, "noised") or the noise alone ("noise").

@@ -1,4 +1,4 @@
-"""Co-Merge selection (SPEC.md section 2): per weight, keep the expert that is most active on it.
+"""Co-Merge selection (docs/METHODS.md section 2; SafetyDPO, arXiv 2412.10493): per weight, keep the expert that is most active on it.
 
 With dW_i (in, out) the dense delta of expert i and E_i (in,) its activation statistic per input
 channel k (from `calibration.calibrate`, e.g. E_i|x_k| over the calibration inputs run through

@@ -7,8 +7,8 @@ embeddings (B, E) float32; the adapter's lambda is folded into its to_v_ip. User
 ({"gated"}, `safealign_jax.gated`): the policy's "lora" collection is `gated.variables(tree,
 batch["user_embedding"])`, per-example gates; with frozen experts the factors are behind a
 stop_gradient (and get no updates, `gated.freeze_experts`). Caption dropout
-(`step.drop_captions`) replaces the text states only: SPEC.md does not say the user is dropped
-too, so every pair keeps its user's embedding.
+(`step.drop_captions`) replaces the text states only: the PSA paper (arXiv 2508.01151) does not
+say the user is dropped too, so every pair keeps its user's embedding.
 """
 
 import os
