@@ -19,11 +19,11 @@ and `add_generation_prompt=True` (as the official code), left-padded and pooled 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 
+from safealign_jax.convert.files import atomic_path
 from safealign_jax.data.users import UserProfile, format_user_id
 from safealign_jax.errors import UserError
 
@@ -100,12 +100,6 @@ def save_embedding(folder: str, user_id: str, vector) -> str:
     if vector.ndim != 1:
         raise ValueError(f"embedding of user {user_id} has shape {vector.shape}, expected (hidden,).")
     path = embedding_path(folder, user_id)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{user_id}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, vector)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path, ".tmp") as tmp, open(tmp, "wb") as f:
+        np.save(f, vector)
     return path

@@ -1,4 +1,5 @@
-"""Atomic writes and guarded reads of safetensors files shared by the exporters (numpy only)."""
+"""Atomic writes (readable by others, as the umask allows) and guarded reads of safetensors files
+shared by the exporters, images, embeddings and reports (numpy only)."""
 
 import contextlib
 import os
@@ -11,15 +12,28 @@ from safetensors.numpy import save_file
 from safealign_jax.errors import UserError, check
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file under the process umask: 0o644 for umask 022, 0o640 for 027."""
+    try:
+        with open("/proc/self/status") as f:  # Linux: read without changing the umask
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
-    """Yields a temporary path next to `path`; on success it replaces `path` (os.replace)."""
+    """Yields a temporary path next to `path`; on success it replaces `path` (os.replace) with the
+    mode of a newly created file (`new_file_mode`, not mkstemp's 0600), so other users can read it."""
     folder = os.path.dirname(os.path.abspath(path))
     check(os.path.isdir(folder), f"{path}: the folder {folder} does not exist.")
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

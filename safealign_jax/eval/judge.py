@@ -35,7 +35,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -44,6 +43,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from safealign_jax.convert.files import atomic_path
 from safealign_jax.data.categories import SAGE
 from safealign_jax.data.users import UserProfile
 from safealign_jax.errors import UserError
@@ -317,10 +317,8 @@ class Judge:
 
 def _write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(path, ".tmp") as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f)
-    os.replace(tmp, path)
 
 
 def pass_rate(verdicts: Sequence[Verdict]) -> dict:
