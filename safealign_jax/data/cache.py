@@ -218,7 +218,8 @@ def open_cache(cache_dir) -> tuple[dict, dict[str, np.ndarray]]:
 class CachedExamples:
     """Cached CoProV2 pairs as loader examples: {"id", "caption_kind", "preferred", "rejected"
     (VAE [mean, logvar] arrays), "encoder_hidden_states" (+ "pooled")}; optionally one
-    category's pairs (or several: 'Hate,Violence'), optionally each pair twice (harmful and safe caption), as CoProV2Examples."""
+    category's pairs (or several: 'Hate,Violence'; any category of the cache's index, free text
+    for your own pairs), optionally each pair twice (harmful and safe caption), as CoProV2Examples."""
 
     def __init__(self, cache_dir, category: str | None = None, both_captions: bool = False):
         import grain
@@ -229,11 +230,9 @@ class CachedExamples:
         positions = range(len(self._source))
         if category is not None:  # one category, or several separated by commas
             selected = set()
+            index = self.metadata["category_index"]
             for spelling in category.split(","):
-                name = categories.COPROV2.require(spelling, "CoProV2 category selection")
-                if name not in self.metadata["category_index"]:
-                    raise UserError(f"category {name!r} selected but {path} has no category index for it.")
-                selected.update(self.metadata["category_index"][name])
+                selected.update(index[categories.select(spelling.strip(), index, f"--config.data.category ({path})")])
             positions = sorted(selected)
         self._choices = [(positions[i], kind)
                          for i, kind in coprov2.caption_choices(len(positions), both_captions)]

@@ -56,6 +56,23 @@ class Taxonomy:
         return tuple(c for c in self.categories if c in names)
 
 
+def select(spelling: str, names, where: str) -> str:
+    """The category among `names` (a data set's own, e.g. a cache's category index) that
+    `spelling` means: the same text, else the same ignoring case, spaces, '-' and '_', else its
+    CoProV2 name ('Harrasment' -> 'Harassment'). Free-text categories of your own pairs work
+    alike. UserError naming `where` and listing `names` otherwise."""
+    names = list(names)
+    if spelling in names:
+        return spelling
+    for name in names:
+        if _key(name) == _key(spelling):
+            return name
+    if COPROV2.canonical(spelling) in names:
+        return COPROV2.canonical(spelling)
+    raise UserError(f"{where}: unknown category {spelling!r}; the data set's categories are "
+                    f"{', '.join(map(repr, names)) or 'none'}.")
+
+
 def slug(category: str) -> str:
     """A file/config-friendly name: 'Illegal Activity' -> 'illegal_activity'."""
     return re.sub(r"[\s\-]+", "_", category.strip()).lower()

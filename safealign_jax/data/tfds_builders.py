@@ -1,5 +1,5 @@
-"""TFDS builders for CoProV2 pairs and Sage records, built from local files, read without
-TensorFlow.
+"""TFDS builders for CoProV2 pairs, Sage records and your own pairs tables (`pairs.py`), built
+from local files, read without TensorFlow.
 
 Only the array_record file format works without TensorFlow, so the builders force it; features
 are Text, Sequence(Text) and `Tensor` (images as the original encoded JPEG/PNG file bytes in a
@@ -25,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from safealign_jax.data import categories, coprov2, sage, users, validation
+from safealign_jax.data import categories, coprov2, pairs, sage, users, validation
 from safealign_jax.errors import UserError
 
 ARRAY_RECORD = "array_record"
@@ -57,7 +57,22 @@ def _require_examples(count: int, what: str, report: validation.Report) -> None:
         raise UserError(f"{what}: no usable example left; {report.summary()}")
 
 
-class CoProV2Pairs(tfds.core.GeneratorBasedBuilder):
+class LocalBuilder(tfds.core.GeneratorBasedBuilder):
+    """A builder of local files: TFDS's "Downloading and preparing dataset" and "downloaded and
+    prepared" lines are not printed (the scripts print their own)."""
+
+    def is_built(self) -> bool:
+        """Whether this version is built (TFDS's `is_prepared` logs a warning when it is not)."""
+        return (Path(self.data_dir) / "dataset_info.json").is_file()
+
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
+
+class CoProV2Pairs(LocalBuilder):
     """CoProV2 preference pairs, one example per pair (multi-category pairs once)."""
 
     name = "coprov2_pairs"
@@ -135,7 +150,7 @@ class CoProV2Pairs(tfds.core.GeneratorBasedBuilder):
             }
 
 
-class SagePreferences(tfds.core.GeneratorBasedBuilder):
+class SagePreferences(LocalBuilder):
     """Sage records (one per metadata.jsonl line) with the user's embedding, one split per
     released split folder."""
 
@@ -234,4 +249,61 @@ class SagePreferences(tfds.core.GeneratorBasedBuilder):
                 "caption": record.caption,
                 "chosen_image": record.chosen.read_bytes(),
                 "rejected_image": record.rejected.read_bytes(),
+            }
+
+
+class PreferencePairs(LocalBuilder):
+    """Your own pairs (a table validated by `pairs.load_table`) in the coprov2_pairs schema, so
+    the latent cache and the trainer read them alike: the table's `prompt` is stored as
+    "harmful_prompt" (the caption trained on), its `safe_prompt` as "safe_prompt", its free-text
+    categories as "categories"; `metadata["table_sha256"]` identifies the table built."""
+
+    name = "preference_pairs"
+    code_path = None  # local files only: no checksums file (and tfds 4.9.10 fails looking one up)
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "prompt, chosen, rejected [, category, safe_prompt] tables."}
+
+    def __init__(self, *, table: pairs.PairsTable | None = None, **kwargs):
+        """`table`: the validated table to build (None only to read a built one back)."""
+        self._table = table
+        super().__init__(**_array_record_only(kwargs))
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Preference pairs from a user table: preferred = chosen, rejected = rejected.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "pair_id": tfds.features.Text(),
+                    "harmful_prompt": tfds.features.Text(),
+                    "safe_prompt": tfds.features.Text(),
+                    "categories": tfds.features.Sequence(tfds.features.Text()),
+                    "original_categories": tfds.features.Sequence(tfds.features.Text()),
+                    "preferred_image": encoded_image(),
+                    "rejected_image": encoded_image(),
+                }
+            ),
+            metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        if self._table is None:
+            raise UserError(f"{self.data_dir}: not built, and no pairs table given to build it from.")
+        self.info.metadata["category_index"] = pairs.category_index(self._table.pairs)
+        self.info.metadata["validation"] = self._table.report.to_dict()
+        self.info.metadata["table"] = str(self._table.path.resolve())
+        self.info.metadata["table_sha256"] = pairs.file_sha256(self._table.path)
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for pair, chosen, rejected in pairs.pair_images(self._table.path, self._table.pairs):
+            yield pair.pair_id, {
+                "pair_id": pair.pair_id,
+                "harmful_prompt": pair.prompt,
+                "safe_prompt": pair.safe_prompt,
+                "categories": list(pair.categories),
+                "original_categories": list(pair.categories),
+                "preferred_image": chosen,
+                "rejected_image": rejected,
             }
