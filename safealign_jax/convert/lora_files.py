@@ -21,8 +21,8 @@ import numpy as np
 from flax import traverse_util
 
 from safealign_jax.convert.files import read_tensors, summarise, write_safetensors
+from safealign_jax.convert.names import DIFFUSERS_NAMES
 from safealign_jax.errors import UserError, check
-from safealign_jax.models.load import DIFFUSERS_NAMES
 
 METADATA_KEY = "lora_adapter_metadata"
 _OLD_PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")

@@ -113,3 +113,12 @@ def state_dict_from_params(params: dict, table: NameTable) -> dict[str, np.ndarr
         table.torch_name(path): np.ascontiguousarray(flax_to_torch_array(np.asarray(v), path[-1]))
         for path, v in flat.items()
     }
+
+
+# The diffusers UNet / VAE table: the ModuleList / Sequential attribute names of their modules.
+DIFFUSERS_NAMES = NameTable(
+    frozenset({
+        "down_blocks", "up_blocks", "attentions", "resnets", "downsamplers", "upsamplers",
+        "transformer_blocks", "to_out", "net",
+    })
+)

@@ -14,9 +14,8 @@ import numpy as np
 
 from safealign_jax.convert.checkpoint import read_config
 from safealign_jax.convert.files import write_safetensors
-from safealign_jax.convert.names import state_dict_from_params
+from safealign_jax.convert.names import DIFFUSERS_NAMES, state_dict_from_params
 from safealign_jax.errors import check
-from safealign_jax.models.load import DIFFUSERS_NAMES, component_folder
 
 
 def _replace_folder(tmp: str, folder: str) -> None:
@@ -72,7 +71,7 @@ def save_pipeline_folder(base_pipeline_folder: str, out_folder: str, params: dic
     """
     check(os.path.isfile(os.path.join(base_pipeline_folder, "model_index.json")),
           f"{base_pipeline_folder}: not a diffusers pipeline folder (no model_index.json).")
-    config = read_config(component_folder(base_pipeline_folder, "unet"))
+    config = read_config(os.path.join(base_pipeline_folder, "unet"))
     out_folder = os.path.abspath(out_folder)
     parent = os.path.dirname(out_folder)
     check(os.path.isdir(parent), f"{out_folder}: the parent folder {parent} does not exist.")

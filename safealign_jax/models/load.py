@@ -7,18 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from safealign_jax.convert.checkpoint import read_config, read_state_dict
-from safealign_jax.convert.names import NameTable, params_from_state_dict
+from safealign_jax.convert.names import DIFFUSERS_NAMES, params_from_state_dict
 from safealign_jax.errors import check
 from safealign_jax.models.layers import Dtype
 from safealign_jax.models.unet import UNet2DConditionModel
 from safealign_jax.models.unet_config import UNetConfig
-
-DIFFUSERS_NAMES = NameTable(
-    frozenset({
-        "down_blocks", "up_blocks", "attentions", "resnets", "downsamplers", "upsamplers",
-        "transformer_blocks", "to_out", "net",
-    })
-)
 
 
 def component_folder(folder: str, component: str) -> str:
