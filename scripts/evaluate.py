@@ -26,6 +26,7 @@ from safealign_jax.data.eval_prompts import PROMPT_SETS, read_prompt_set
 from safealign_jax.data.users import read_users
 from safealign_jax.errors import UserError, check
 from safealign_jax.eval import generation, report
+from safealign_jax.eval.device import torch_device
 from safealign_jax.eval.inappropriate import inappropriate_probability
 from safealign_jax.models.resolve import resolve_model
 
@@ -66,6 +67,7 @@ class Scorers:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
+        self.device = torch_device(config.metrics.device)  # Q16 and CLIPScore; FID: fid_score
         self._loaded: dict = {}
 
     def check(self, benchmarks: list[str]) -> None:
@@ -105,7 +107,8 @@ class Scorers:
         from safealign_jax.eval.q16 import Q16
 
         m = self.config.models
-        return self._get("q16", lambda: Q16.from_folders(m.q16_clip, m.q16_prompts, batch_size=self.config.metrics.batch_size))
+        return self._get("q16", lambda: Q16.from_folders(m.q16_clip, m.q16_prompts, device=self.device,
+                                                         batch_size=self.config.metrics.batch_size))
 
     def nudenet(self):
         from safealign_jax.eval.nudity import NudityDetector
@@ -116,7 +119,7 @@ class Scorers:
         from safealign_jax.eval.clip_score import ClipScorer
 
         m = self.config.models
-        return self._get("clip", lambda: ClipScorer.from_folder(m.clip_score, m.clip_score_kind))
+        return self._get("clip", lambda: ClipScorer.from_folder(m.clip_score, m.clip_score_kind, device=self.device))
 
     def users(self):
         path = self.config.psa.users
@@ -222,7 +225,8 @@ def fid_score(config, folder: str, records: list[dict], workdir: str) -> float:
     """FID (Inception pool3) of the run's images against the reference."""
     from safealign_jax.eval import fid
 
-    extractor = fid.InceptionFeatures.from_weights(config.models.inception or None, batch_size=config.metrics.batch_size)
+    extractor = fid.InceptionFeatures.from_weights(config.models.inception or None, device=torch_device(config.metrics.device),
+                                                   batch_size=config.metrics.batch_size)
     parts, size = [], 0
     for _, images in _batches(folder, records, config.metrics.batch_size):
         parts.append(extractor(images))

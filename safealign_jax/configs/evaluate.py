@@ -71,6 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.metrics.win_rate = False  # judge: this method vs judge.baseline, same prompt/seed/user
     c.metrics.fid_reference_limit = 0  # use the first N reference images (0: all)
     c.metrics.batch_size = 16  # images per metric forward
+    c.metrics.device = "auto"  # torch device of Q16, CLIPScore, FID: auto (CUDA if torch sees one) | cpu | cuda
     c.metrics.grid_images = 16  # images in each benchmark's grid (0: none)
 
     c.models = ml_collections.ConfigDict()
