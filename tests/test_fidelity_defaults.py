@@ -85,11 +85,12 @@ def test_image_seed_modes():
 
 
 def test_evaluate_passes_its_seeding_on():
-    evaluate_script, evaluate = load("scripts/evaluate.py"), load("configs/evaluate.py")
-    config = evaluate.get_config("safetydpo")
-    assert evaluate_script._settings(config).seeding == "per_prompt"
+    from safealign_jax.eval.run import generation_settings
+
+    config = load("configs/evaluate.py").get_config("safetydpo")
+    assert generation_settings(config).seeding == "per_prompt"
     config.generation.seeding = "single_stream"
-    assert evaluate_script._settings(config).seeding == "single_stream"
+    assert generation_settings(config).seeding == "single_stream"
 
 
 @pytest.fixture(scope="module")
