@@ -69,6 +69,12 @@ CASES = [
     # --- scripts/sample.py
     case("sample_missing_model_folder", "sample", ["--config.model={missing}", "--config.prompts={prompts_txt}"],
          ["{missing}"]),
+    case("sample_unknown_hub_id", "sample", ["--config.model=no-org/no-model", "--config.prompts={prompts_txt}"],
+         ["--config.model='no-org/no-model' not found", "local diffusers folder", "Hugging Face cache", "single-file"]),
+    case("sample_single_file_model", "sample", ["--config.model={single_file}", "--config.prompts={prompts_txt}"],
+         ["single-file checkpoint", "scripts/convert_single_file.py"]),
+    case("convert_unreadable_single_file", "convert_single_file",
+         ["--config.checkpoint={single_file}", "--config.base={pipeline}"], ["{single_file}", "not a readable safetensors file"]),
     case("sample_missing_prompts_file", "sample", ["--config.model={pipeline}", "--config.prompts={missing}.txt"],
          ["{missing}.txt", "no such prompt file"]),
     case("sample_csv_without_caption_column", "sample", ["--config.model={pipeline}", "--config.prompts={bad_csv}"],
@@ -107,7 +113,7 @@ CASES = [
     case("export_damaged_checkpoint", "export", ["--config.checkpoint={damaged_run}"],
          ["damaged or incomplete"], subprocess=True),
     case("export_unet_missing_base_model", "export", ["--config.checkpoint={lora_run}", "--config.model={missing}"],
-         ["{missing}", "not a folder"], config="configs/export.py:unet"),
+         ["{missing}", "no such folder"], config="configs/export.py:unet"),
     case("export_unet_lora_for_another_unet", "export",
          ["--config.checkpoint={lora_other_unet_run}", "--config.model={pipeline}"],
          ["made for another UNet", "attn2/to_k", "(32, 32)"], config="configs/export.py:unet"),
@@ -132,6 +138,9 @@ CASES = [
          ["--config.pipeline={pipeline}", "--config.table={coprov2}/CoProv2_train.csv",
           "--config.images={coprov2}/images", "--config.tfds_dir={tfds_dir}", "--config.policy=fail"],
          ["CoProv2_train.csv:"]),
+    case("prepare_pairs_missing_images", "prepare_data",
+         ["--config.pipeline={pipeline}", "--config.kind=pairs", "--config.table={pairs_missing_images}"],
+         ["pairs table {pairs_missing_images}: no usable pair left", "{'missing_image': 2}", "pairs.csv:2"]),
     # --- scripts/embed_users.py
     case("embed_missing_users_csv", "embed_users", ["--config.users_csv={missing}.csv"], ["{missing}.csv"]),
     case("embed_users_csv_missing_columns", "embed_users", ["--config.users_csv={bad_csv}"], ["{bad_csv}", "Age"]),
@@ -202,6 +211,8 @@ def world(tmp_path_factory, tiny_unet_dir, tiny_unet) -> dict:
     weights = truncated / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
     w["truncated_unet"] = str(truncated)
+    (tmp / "model.safetensors").write_bytes(weights.read_bytes())  # a single file cut short
+    w["single_file"] = str(tmp / "model.safetensors")
     pickle_unet = tmp / "pickle_unet"
     shutil.copytree(tiny_unet_dir, pickle_unet)
     (pickle_unet / "diffusion_pytorch_model.safetensors").rename(pickle_unet / "diffusion_pytorch_model.bin")
@@ -236,6 +247,9 @@ def world(tmp_path_factory, tiny_unet_dir, tiny_unet) -> dict:
     w["coprov2"] = str(tmp / "coprov2")
     (tmp / "missing_columns.csv").write_text("prompt,category\na cat,Hate\n")
     w["csv_missing_columns"] = str(tmp / "missing_columns.csv")
+    (tmp / "pairs").mkdir()  # a pairs table whose images are all missing (a single missing one is skipped)
+    (tmp / "pairs" / "pairs.csv").write_text("prompt,chosen,rejected\na cat,a.png,b.png\na dog,c.png,d.png\n")
+    w["pairs_missing_images"] = str(tmp / "pairs" / "pairs.csv")
     w["tfds_dir"] = str(tmp / "tfds")
     # an output path that cannot be created: its parent is a file
     (tmp / "a_file").write_text("")

@@ -10,6 +10,7 @@ import pytest
 from safealign_jax.convert.checkpoint import read_config
 from safealign_jax.convert.files import new_file_mode, write_safetensors
 from safealign_jax.convert.unet_files import save_unet_folder
+from safealign_jax.eval.fid import save_statistics
 from safealign_jax.eval.judge import _write_json
 from safealign_jax.images import save_png
 from safealign_jax.user_embedding import save_embedding
@@ -37,8 +38,9 @@ def test_written_files_follow_the_umask(umask, tmp_path, tiny_unet, tiny_unet_di
     save_png(np.zeros((4, 4, 3), np.uint8), str(tmp_path / "image.png"))
     save_embedding(str(tmp_path), "0000001", np.ones(3))
     _write_json(str(tmp_path / "judge" / "answer.json"), {"ok": True})
+    save_statistics(tmp_path / "reference.npz", np.zeros(2), np.eye(2))
     save_unet_folder(str(tmp_path / "unet"), read_config(tiny_unet_dir), tiny_unet[1])
-    files = ["lora.safetensors", "image.png", "0000001.npy", "judge/answer.json",
+    files = ["lora.safetensors", "image.png", "0000001.npy", "judge/answer.json", "reference.npz",
              "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
     assert {name: oct(_mode(tmp_path / name)) for name in files} == {name: oct(expected) for name in files}
     assert oct(_mode(tmp_path / "unet")) == oct(0o777 & ~umask)

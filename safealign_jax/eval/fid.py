@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from safealign_jax.convert.files import atomic_path
 from safealign_jax.errors import UserError, check
 from safealign_jax.eval.clip_model import ClipEncoder, as_images
 
@@ -70,8 +71,9 @@ def fid_from_features(features1, features2) -> float:
 
 
 def save_statistics(path, mu, sigma) -> None:
-    """Writes reference statistics as .npz {mu, sigma}."""
-    np.savez(path, mu=np.asarray(mu), sigma=np.asarray(sigma))
+    """Writes reference statistics as .npz {mu, sigma}, atomically (`convert.files.atomic_path`)."""
+    with atomic_path(str(path), ".npz") as tmp:
+        np.savez(tmp, mu=np.asarray(mu), sigma=np.asarray(sigma))
 
 
 def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:

@@ -49,7 +49,9 @@ def resolve_model(spec: str, field: str = "model") -> str:
     if os.path.isfile(spec) and spec.lower().endswith(SINGLE_FILE_SUFFIXES):
         raise UserError(
             f"{field}={spec!r} is a single-file checkpoint: convert it once with python "
-            f"scripts/convert_single_file.py --checkpoint={spec} --out=FOLDER and pass FOLDER."
+            f"scripts/convert_single_file.py --config configs/convert_single_file.py --workdir FOLDER "
+            f"--config.checkpoint={spec} --config.base=BASE (a diffusers folder or cached hub id of its "
+            "architecture) and pass FOLDER."
         )
     cache = hub_cache()
     snapshot = hub_snapshot(spec, cache) if HUB_ID.match(spec) else None
