@@ -2,20 +2,14 @@
 
     python scripts/train.py --config configs/train.py[:tiny|sd15|sd21|sdxl] --workdir runs/x \
         [--config.model.path=/models/sd15 --config.train.steps=2000 ...]
+
+The command is safealign_jax/commands/train.py (installed as `safealign-train`); `main(config,
+workdir)` is its work, as in every script.
 """
 
-import json
+from safealign_jax.commands import train as command
 
-from safealign_jax import cli
-from safealign_jax.train.loop import train
-
-CONFIG = cli.define_flags()
-
-
-def main(config, workdir):
-    _, summary = train(config, workdir)
-    print(json.dumps(summary, indent=2))
-
+main = command.run
 
 if __name__ == "__main__":
-    cli.run(main, CONFIG)
+    command.main()

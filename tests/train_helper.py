@@ -17,15 +17,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Wall-clock speed of a log step in metrics.jsonl: the only values two identical runs may differ in.
+# Wall-clock speed of a log step in metrics.jsonl and every line's wall_time (Unix seconds): the
+# only values two identical runs may differ in.
 SPEED_FIELDS = ("pairs_per_s", "tflops_per_s", "mfu")
 
 
 def without_speed(line: str) -> dict:
-    """A metrics.jsonl line as a dict without the SPEED_FIELDS (present all together or not at all)."""
+    """A metrics.jsonl line as a dict without the SPEED_FIELDS (present all together or not at all)
+    and wall_time."""
     record = json.loads(line)
     assert all(k in record for k in SPEED_FIELDS) or not any(k in record for k in SPEED_FIELDS), record
-    return {k: v for k, v in record.items() if k not in SPEED_FIELDS}
+    return {k: v for k, v in record.items() if k not in (*SPEED_FIELDS, "wall_time")}
 
 
 def tiny_config(overrides: dict):

@@ -95,7 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
     c.train.skip_nonfinite = False  # True: skip a step with non-finite loss/gradient (else stop)
-    c.train.progress_bar = True
+    c.train.progress_bar = True  # the tqdm bar and one line per start-up stage (--verbosity=-2: none)
+    c.train.tensorboard = True  # workdir/tensorboard events when tensorboardX is installed (extra `tensorboard`)
     c.train.sample_every = 0  # >0: write samples/step_XXXXXX.png (needs model.path in a pipeline folder)
     c.train.sample_prompts = "a photo of a cat|a city street at night|a portrait of a person"  # '|'-separated
     c.train.sample_steps = 25

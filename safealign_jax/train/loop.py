@@ -4,7 +4,11 @@ Multi-host: with `config.distributed.initialize`, `jax.distributed.initialize()`
 every process builds the same mesh over all devices and feeds only its rows of each global
 batch (`jax.make_array_from_process_local_data`). Metrics stay on device inside the loop and
 are fetched every `train.log_every` steps; process 0 writes workdir/metrics.jsonl (one line per
-step), TensorBoard events (if tensorboardX is installed), a tqdm bar and workdir/summary.json.
+step: the step's metrics, `lr` = the learning rate of the update the step belongs to, `wall_time`
+= Unix seconds when the step's metrics were fetched), TensorBoard events in workdir/tensorboard
+(with `train.tensorboard` and tensorboardX installed: the `tensorboard` extra), a tqdm bar and
+workdir/summary.json. Each start-up stage (base model, data, resume, compile, first step) prints
+one line with its time (`cli.status`; with `train.progress_bar`, not with --verbosity=-2).
 
 Reliability (RELIABILITY.md, `train/reliability.py`): resuming uses the newest readable checkpoint
 and truncates metrics.jsonl to its step; metrics are written before each checkpoint; SIGTERM /
@@ -156,6 +160,43 @@ def make_step_fn(config, module, optimizer):
     return make_train_step(loss_fn, optimizer, config.dpo.caption_dropout)
 
 
+def record_lr(config, global_pairs: int):
+    """step -> the learning rate of the optimizer update that micro-step `step` (1-based, as
+    logged) belongs to: the schedule at update (step - 1) // optim.grad_accum."""
+    schedule = state_lib.lr_schedule(config, state_lib.learning_rate(config, global_pairs))
+    return lambda step: float(schedule((step - 1) // config.optim.grad_accum))
+
+
+def finished_summary(workdir: str, step: int) -> dict:
+    """The summary of a run that already reached `step`: its summary.json (if any) with
+    `already_finished` set; summary.json itself is left as the finished run wrote it."""
+    summary = {}
+    path = os.path.join(workdir, "summary.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            summary = json.load(f)
+    return {**summary, "already_finished": True, "finished_step": step}
+
+
+class _Stage:
+    """`with _Stage("compiling the train step", talk):` prints the stage when it starts and
+    its duration when it ends (`cli.status`); `talk=False` prints nothing."""
+
+    def __init__(self, name: str, talk: bool):
+        self.name, self.talk = name, talk
+
+    def __enter__(self):
+        if self.talk:
+            cli.status(f"{self.name} ...")
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        if self.talk and exc[0] is None:
+            cli.status(f"{self.name}: {self.seconds:.1f} s")
+
+
 def speed(steps: int, seconds: float, global_pairs: int, flops: int, peak: Peak) -> dict:
     """The log step's speed over its `steps` steps: pairs/s, TFLOP/s (model FLOPs, all devices)
     and MFU against the peak of all devices (`bench.peak`: datasheet, or measured on CPU)."""
@@ -167,22 +208,27 @@ def speed(steps: int, seconds: float, global_pairs: int, flops: int, peak: Peak)
 class _Logger:
     """metrics.jsonl + TensorBoard + tqdm on process 0; nothing elsewhere."""
 
-    def __init__(self, workdir: str, config, first: int, total: int):
+    def __init__(self, workdir: str, config):
         self.main = jax.process_index() == 0
+        self.talk = config.train.progress_bar and cli.talking()
         self.file = self.tb = self.bar = None
         if not self.main:
             return
         self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close)
-        try:
-            from tensorboardX import SummaryWriter
+        if config.train.get("tensorboard", True):
+            try:
+                from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        except ImportError:
-            pass
-        if config.train.progress_bar:
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                pass
+
+    def start_bar(self, done: int, total: int) -> None:
+        """The tqdm bar from step `done` (after the start-up lines, which it would garble)."""
+        if self.main and self.talk:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=first, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=done, desc="train", dynamic_ncols=True)
 
     def write(self, records: list[dict], pairs_per_second: float) -> None:
         if not self.main:
@@ -191,8 +237,8 @@ class _Logger:
             self.file.write(json.dumps(r) + "\n")
             if self.tb:
                 for k, v in r.items():
-                    if k != "step":
-                        self.tb.add_scalar(f"train/{k}", v, r["step"])
+                    if k not in ("step", "wall_time"):
+                        self.tb.add_scalar(f"train/{k}", v, r["step"], walltime=r["wall_time"])
         self.file.flush()
         if self.bar:
             last = records[-1]
@@ -200,7 +246,7 @@ class _Logger:
                                  pairs_s=f"{pairs_per_second:.1f}")
             self.bar.update(len(records))
         message = winner_warning(records)
-        if message:
+        if message and cli.talking():
             (self.bar.write if self.bar else print)(message)
 
     def close(self) -> None:
@@ -214,9 +260,11 @@ def train(config, workdir: str, source=None):
 
     `source`: a batch source object (see `safealign_jax.train.data`) used instead of
     `config.data.source`; with psa.enable its batches must carry user_embedding (B, E).
-    Returns (final TrainState, summary).
+    Returns (final TrainState, summary); a run that had already reached `train.steps` returns
+    its restored state and `finished_summary` (summary["already_finished"] is True).
     """
     validate(config)
+    talk = config.train.progress_bar and cli.talking()
     options = objective.options_from_config(config)
     initialize_distributed(config)
     retain = None  # the preservation term's retain prompts, encoded once
@@ -226,21 +274,24 @@ def train(config, workdir: str, source=None):
     cli.output_folder(workdir)
     mesh = mesh_lib.make_mesh(config)
     replicated = mesh_lib.replicated(mesh)
-    module, params, base_ref = load_base(config)
+    with _Stage(f"loading the base UNet ({config.model.path or 'tiny random'})", talk):
+        module, params, base_ref = load_base(config)
     lora_cfg = lora_config(config)
     global_pairs = config.train.pairs_per_device * jax.device_count()
     optimizer = state_lib.make_optimizer(config, global_pairs)
-    trainable = init_trainable(config, params)
-    if "gated" in trainable and not config.psa.gated.train_experts:
-        optimizer = gated.freeze_experts(optimizer)
-    state = state_lib.init_state(trainable, optimizer, config.seed)
-    state_sh = mesh_lib.replicated_like(state, mesh)
-    params_sh = mesh_lib.param_shardings(params, mesh, config)
-    params = mesh_lib.put_global(params, params_sh)
+    with _Stage("initialising the trainable weights and the optimizer", talk):
+        trainable = init_trainable(config, params)
+        if "gated" in trainable and not config.psa.gated.train_experts:
+            optimizer = gated.freeze_experts(optimizer)
+        state = state_lib.init_state(trainable, optimizer, config.seed)
+        state_sh = mesh_lib.replicated_like(state, mesh)
+        params_sh = mesh_lib.param_shardings(params, mesh, config)
+        params = mesh_lib.put_global(params, params_sh)
     batch_sh = mesh_lib.batch_sharding(mesh)
     rows = mesh_lib.local_rows(batch_sh, global_pairs)
     if source is None:
-        source = make_source(config, module, global_pairs, rows)
+        with _Stage(f"building the data ({config.data.source})", talk):
+            source = make_source(config, module, global_pairs, rows)
 
     ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints,
                                    config.train.async_checkpoints)
@@ -252,19 +303,27 @@ def train(config, workdir: str, source=None):
     else:
         state, last_saved = mesh_lib.put_global(state, state_sh), None
     first = int(jax.device_get(state.step))
+    if first >= config.train.steps:
+        ckpts.close()
+        return state, finished_summary(workdir, first)
+    if talk:
+        cli.status(f"resumed at step {first} of {config.train.steps}" if restored is not None
+                   else f"starting at step 0 of {config.train.steps}")
     if jax.process_index() == 0:  # lines after the restored step are redone by this run
         reliability.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), first)
 
     # after every input check (model, data, resume), so that a refused run leaves its workdir as it was
-    enable_compilation_cache(config.train.compilation_cache or os.path.join(workdir, "compilation_cache"))
-    step_fn = make_step_fn(config, module, optimizer)
-    empty = getattr(source, "empty_embedding", None)  # the cached "" embedding, else zeros
-    if empty is None:
-        empty = np.zeros((config.data.seq_len, module.config.cross_attention_dim), np.float32)
-    empty = mesh_lib.put_global(empty, replicated)
-    total = config.train.steps
-    grids = SampleGrids(config, module, params, workdir)
-    logger = _Logger(workdir, config, first, total)
+    cache = enable_compilation_cache(config.train.compilation_cache or os.path.join(workdir, "compilation_cache"))
+    with _Stage("preparing the step, sample grids and logs", talk):
+        step_fn = make_step_fn(config, module, optimizer)
+        empty = getattr(source, "empty_embedding", None)  # the cached "" embedding, else zeros
+        if empty is None:
+            empty = np.zeros((config.data.seq_len, module.config.cross_attention_dim), np.float32)
+        empty = mesh_lib.put_global(empty, replicated)
+        total = config.train.steps
+        grids = SampleGrids(config, module, params, workdir)
+        logger = _Logger(workdir, config)
+        lr_of = record_lr(config, global_pairs)
     compiled, compile_s, flops, peak = None, 0.0, 0, None
     pending, last_time, last_step, run_start, records = [], None, first, None, []
     ids, skipped = {}, 0
@@ -278,15 +337,20 @@ def train(config, workdir: str, source=None):
             batch = mesh_lib.global_batch(local, batch_sh, global_pairs)
             ids[step + 1] = reliability.batch_ids(source)
             if compiled is None:
-                start = time.perf_counter()
-                compiled = compile_step(step_fn, state, state_sh, params, params_sh, batch, batch_sh,
-                                        empty, replicated)
-                compile_s = time.perf_counter() - start
-                flops = model_flops(lambda m: make_step_fn(config, m, optimizer), module, state, params,
-                                    batch, empty)
-                peak = device_peak(n=1024)
+                with _Stage(f"compiling the train step (cache {cache})", talk) as stage:
+                    compiled = compile_step(step_fn, state, state_sh, params, params_sh, batch, batch_sh,
+                                            empty, replicated)
+                compile_s = stage.seconds
+                with _Stage("counting the step's FLOPs and the device peak", talk):
+                    flops = model_flops(lambda m: make_step_fn(config, m, optimizer), module, state,
+                                        params, batch, empty)
+                    peak = device_peak(n=1024)
                 run_start = last_time = time.perf_counter()
-            state, metrics = compiled(state, params, batch, empty)
+                with _Stage(f"step {step + 1}", talk):
+                    state, metrics = jax.block_until_ready(compiled(state, params, batch, empty))
+                logger.start_bar(step, total)
+            else:
+                state, metrics = compiled(state, params, batch, empty)
             for value in metrics.values():
                 value.copy_to_host_async()
             pending.append((step + 1, metrics))
@@ -295,8 +359,8 @@ def train(config, workdir: str, source=None):
             save = (step + 1) % config.train.checkpoint_every == 0 or done or stop
             if (step + 1) % config.train.log_every == 0 or save:  # metrics before the checkpoint
                 fetched = jax.device_get([m for _, m in pending])
-                now = time.perf_counter()
-                records = [{"step": s, **{k: float(v) for k, v in m.items()}}
+                now, wall = time.perf_counter(), time.time()
+                records = [{"step": s, **{k: float(v) for k, v in m.items()}, "lr": lr_of(s), "wall_time": wall}
                            for (s, _), m in zip(pending, fetched, strict=True)]
                 bad = [r for r in records if r.get("nonfinite")]
                 reports = [reliability.write_nonfinite(workdir, r, ids.get(r["step"]), last_saved)
