@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lora.rank = 4
     c.lora.alpha = 4.0
     c.lora.targets = r"(^|/)(to_q|to_k|to_v|to_out_0)$"  # regex on "/"-joined Dense paths (SafetyDPO's)
+    c.lora.init_from = ""  # a run folder (delta or LoRA, e.g. scripts/erase.py's edit): start at its rank-r fit
 
     c.psa = ml_collections.ConfigDict()
     c.psa.enable = False  # train the PSA user adapter (batches carry user_embedding (B, E))

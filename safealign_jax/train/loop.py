@@ -119,6 +119,23 @@ def gated_experts(config) -> tuple[list[dict], list[str]]:
     return [delta_tree(x) for x in layers], names
 
 
+def initial_lora(config, params) -> dict:
+    """The LoRA a run starts from: `lora.init`, or with `lora.init_from` (a run folder holding a
+    delta or a LoRA, e.g. a closed-form edit of `scripts/erase.py`) its rank-r fit
+    (`lora.from_delta`), which DPO then refines."""
+    key = jax.random.key(config.seed + 1)
+    if not config.lora.init_from:
+        return lora.init(key, params, lora_config(config))
+    from safealign_jax.trained import load_trained
+
+    start = load_trained(config.lora.init_from)
+    if start.lora is None and start.delta is None:
+        raise UserError(f"--config.lora.init_from={config.lora.init_from}: the run holds no LoRA or delta.")
+    tree = start.delta if start.lora is None else lora.delta(start.lora, start.lora_scale)
+    lora.check_fits(params, tree, f"--config.lora.init_from={config.lora.init_from}")
+    return lora.from_delta(key, params, lora_config(config), tree)
+
+
 def init_trainable(config, params) -> dict:
     """The fresh trainable tree: {"lora"} (SafetyDPO), {"adapter"} (PSA) or both (psa.train_lora),
     or {"gated"} (psa.variant=gated: gates over the psa.gated.experts deltas)."""
@@ -132,7 +149,7 @@ def init_trainable(config, params) -> dict:
         return {"gated": tree}
     trainable = {}
     if not config.psa.enable or config.psa.train_lora:
-        trainable["lora"] = lora.init(jax.random.key(config.seed + 1), params, lora_config(config))
+        trainable["lora"] = initial_lora(config, params)
     if config.psa.enable:
         trainable["adapter"] = adapter.init(jax.random.key(config.seed + 2), params,
                                             config.psa.embed_dim, config.psa.num_tokens)
