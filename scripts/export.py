@@ -4,7 +4,8 @@
 
 Loading the results in diffusers:
     pipe.load_lora_weights("OUT/lora.safetensors")                     # peft or kohya
-    UNet2DConditionModel.from_pretrained("OUT/unet")                   # unet (or the pipeline OUT)
+    StableDiffusionPipeline.from_pretrained("OUT")                     # unet: the whole pipeline
+    UNet2DConditionModel.from_pretrained("OUT/unet")                   # unet with unet_only=True
     pipe.load_ip_adapter("OUT", subfolder="", weight_name="psa_adapter.safetensors",
                          image_encoder_folder=None)                    # ip-adapter
     PSAAdapter(pipe, psa_adapter_ckpt="OUT/psa_adapter.safetensors", ...)   # psalign (PSAlign's code)
@@ -27,6 +28,8 @@ from safealign_jax.convert.unet_files import save_pipeline_folder, save_unet_fol
 from safealign_jax.errors import check
 from safealign_jax.models import load_unet
 from safealign_jax.models.load import component_folder
+from safealign_jax.models.resolve import resolve_model
+from safealign_jax.train.samples import pipeline_folder
 from safealign_jax.trained import load_trained
 
 CONFIG = cli.define_flags()
@@ -34,12 +37,22 @@ FORMATS = ("peft", "kohya", "unet", "ip-adapter", "psalign", "gated")
 
 
 def base_folder(config, base_model: dict) -> str:
-    folder = config.model or base_model["path"]
+    if config.model:
+        return resolve_model(config.model, "--config.model")
+    folder = base_model["path"]
     check(
         os.path.isdir(folder),
         f"the base model {folder!r} is not a folder: pass the diffusers folder the run was trained on as --config.model.",
     )
     return folder
+
+
+def prediction_type(folder: str) -> str:
+    """The base pipeline scheduler's prediction_type ("epsilon" without a scheduler/ config)."""
+    pipeline = pipeline_folder(folder)
+    if pipeline is None or not os.path.isfile(os.path.join(pipeline, "scheduler", "scheduler_config.json")):
+        return "epsilon"
+    return read_config(os.path.join(pipeline, "scheduler"), "scheduler_config.json").get("prediction_type", "epsilon")
 
 
 def main(config, workdir):
@@ -64,9 +77,15 @@ def main(config, workdir):
     if config.format == "gated":
         summary = save_gated(workdir, run.gated, list(run.categories), dtype=dtype)
     elif config.format in ("peft", "kohya"):
-        save = save_peft_lora if config.format == "peft" else save_kohya_lora
         rank, alpha = run.config["lora"]["rank"], run.config["lora"]["alpha"]
-        summary = save(os.path.join(workdir, "lora.safetensors"), run.lora, rank, alpha, dtype=dtype)
+        path = os.path.join(workdir, "lora.safetensors")
+        if config.format == "peft":
+            summary = save_peft_lora(path, run.lora, rank, alpha, dtype=dtype)
+        else:  # the base's architecture names the keys (SDXL: LDM blocks) and the metadata
+            folder = base_folder(config, run.base_model)
+            title = config.title or os.path.basename(os.path.normpath(config.checkpoint))
+            summary = save_kohya_lora(path, run.lora, rank, alpha, unet_config=read_config(component_folder(folder, "unet")),
+                                      title=title, prediction_type=prediction_type(folder), dtype=dtype)
     else:
         folder = base_folder(config, run.base_model)
         _, params = load_unet(folder)
@@ -76,8 +95,9 @@ def main(config, workdir):
                            scale=run.adapter_scale)
         else:
             folded = run.folded(params)
-            if os.path.isfile(os.path.join(folder, "model_index.json")):
-                summary = save_pipeline_folder(folder, workdir, folded, fp16=config.fp16)
+            pipeline = pipeline_folder(folder)  # the run's unet/ folder -> the pipeline around it
+            if pipeline and not config.unet_only:
+                summary = save_pipeline_folder(pipeline, workdir, folded, fp16=config.fp16, link=config.link)
             else:
                 unet_dir = component_folder(folder, "unet")
                 summary = save_unet_folder(os.path.join(workdir, "unet"), read_config(unet_dir), folded, fp16=config.fp16)

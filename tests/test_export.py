@@ -79,8 +79,10 @@ def test_lora_file_loads_in_diffusers(bases, tmp_path, family, fmt):
     folder, module, params, inputs = bases[family]
     tree = random_lora(params)
     path = str(tmp_path / f"lora_{fmt}.safetensors")
-    save = lora_files.save_peft_lora if fmt == "peft" else lora_files.save_kohya_lora
-    summary = save(path, tree, RANK, ALPHA)
+    if fmt == "peft":
+        summary = lora_files.save_peft_lora(path, tree, RANK, ALPHA)
+    else:
+        summary = lora_files.save_kohya_lora(path, tree, RANK, ALPHA, unet_config=read_config(f"{folder}/unet"))
     assert summary["scale"] == ALPHA / RANK and summary["rank"] == RANK
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.load_lora_weights(path)
@@ -195,9 +197,9 @@ def _error(fn, *args) -> str:
 
 
 def test_lora_file_errors(bases, tmp_path):
-    _, _, params, _ = bases["sd"]
+    folder, _, params, _ = bases["sd"]
     path = tmp_path / "lora.safetensors"
-    lora_files.save_kohya_lora(str(path), random_lora(params), RANK, ALPHA)
+    lora_files.save_kohya_lora(str(path), random_lora(params), RANK, ALPHA, unet_config=read_config(f"{folder}/unet"))
     tensors = load_file(path)
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
     tensors[key] = np.zeros((RANK, 7), np.float32)

@@ -7,13 +7,18 @@ tree path "down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q" is the di
   PEFT / diffusers >= 0.35   unet.<module>.lora_A.weight (r, in) = a.T,  .lora_B.weight (out, r) = b.T,
                              metadata "lora_adapter_metadata" = {"unet.r", "unet.lora_alpha", ...}
   kohya (sd-scripts)         lora_unet_<module with "_">.lora_down.weight (r, in), .lora_up.weight
-                             (out, r), .alpha () = alpha; diffusers-style block names
-                             (down_blocks / mid_block / up_blocks), which diffusers' converter reads
-                             for SD1.x and SDXL alike.
+                             (out, r), .alpha () = alpha. Block names as sd-scripts writes them:
+                             diffusers-style for SD1.x / 2.x (down_blocks_0_attentions_0_...), the
+                             LDM (sgm) numbering for SDXL (input_blocks_4_1_..., middle_block_1_...,
+                             output_blocks_2_1_...; `ldm_attention_blocks`). Metadata: ss_network_*
+                             and ss_base_model_version as sd-scripts, modelspec.* (Stability AI's
+                             ModelSpec 1.0.0) as ComfyUI / A1111 read them (`kohya_metadata`).
   old diffusers (read only)  unet.<module>.lora.down/up.weight, unet.<attn>.processor.to_q_lora.down.weight
 """
 
+import datetime
 import json
+import os
 import re
 from collections import Counter
 
@@ -33,8 +38,95 @@ def module_name(path: tuple[str, ...]) -> str:
     return DIFFUSERS_NAMES.torch_name((*path, "kernel")).removesuffix(".weight")
 
 
-def _kohya_name(module: str) -> str:
+def _kohya_name(module: str, ldm_blocks: dict[str, str] | None = None) -> str:
+    """lora_unet_<module with "_">; with `ldm_blocks` its attention block in the LDM numbering."""
+    if ldm_blocks:
+        parts = module.split(".")
+        block = ".".join(parts[:4] if parts[0] != "mid_block" else parts[:3])
+        if block in ldm_blocks:
+            module = ".".join([ldm_blocks[block], *parts[len(block.split(".")):]])
     return "lora_unet_" + module.replace(".", "_")
+
+
+def ldm_attention_blocks(down_layers: list[int], up_layers: list[int]) -> dict[str, str]:
+    """{diffusers attention block: its name in the LDM / sgm UNet}, e.g. for SDXL
+    "down_blocks.1.attentions.0" -> "input_blocks.4.1", "mid_block.attentions.0" -> "middle_block.1",
+    "up_blocks.0.attentions.2" -> "output_blocks.2.1".
+
+    `down_layers[b]` / `up_layers[b]`: resnets in down / up block b. input_blocks counts conv_in (0),
+    each layer and each downsampler (every down block but the last); output_blocks counts the layers.
+    """
+    names, index = {"mid_block.attentions.0": "middle_block.1"}, 1
+    for b, layers in enumerate(down_layers):
+        for i in range(layers):
+            names[f"down_blocks.{b}.attentions.{i}"] = f"input_blocks.{index}.1"
+            index += 1
+        index += b < len(down_layers) - 1
+    index = 0
+    for b, layers in enumerate(up_layers):
+        for i in range(layers):
+            names[f"up_blocks.{b}.attentions.{i}"] = f"output_blocks.{index}.1"
+            index += 1
+    return names
+
+
+def _block_layers_of_config(unet_config: dict) -> tuple[list[int], list[int]]:
+    """(resnets per down block, per up block) of a diffusers UNet config.json."""
+    blocks = len(unet_config["down_block_types"])
+    per_block = unet_config.get("layers_per_block", 2)
+    down = list(per_block) if isinstance(per_block, (list, tuple)) else [per_block] * blocks
+    return down, [n + 1 for n in reversed(down)]
+
+
+def _block_layers_of_params(params: dict) -> tuple[list[int], list[int]]:
+    """(resnets per down block, per up block) of a UNet params tree."""
+    counts: dict[str, dict[int, set]] = {"down_blocks": {}, "up_blocks": {}}
+    for path in traverse_util.flatten_dict(params):
+        if len(path) > 2 and path[1].startswith("resnets_"):
+            kind, _, b = path[0].rpartition("_")
+            if kind in counts:
+                counts[kind].setdefault(int(b), set()).add(path[1])
+    return tuple([len(counts[k][b]) for b in sorted(counts[k])] for k in ("down_blocks", "up_blocks"))
+
+
+def is_sdxl(unet_config: dict) -> bool:
+    """An SDXL-family UNet (added text/time conditioning)."""
+    return unet_config.get("addition_embed_type") == "text_time"
+
+
+def base_model_version(unet_config: dict, prediction_type: str = "epsilon") -> str:
+    """sd-scripts' ss_base_model_version: "sdxl_base_v1-0", else "sd_v2" (1024-wide cross-attention)
+    or "sd_v1", with "_v" appended for v-prediction."""
+    if is_sdxl(unet_config):
+        return "sdxl_base_v1-0"
+    version = "sd_v2" if unet_config.get("cross_attention_dim") == 1024 else "sd_v1"
+    return version + ("_v" if prediction_type == "v_prediction" else "")
+
+
+def kohya_metadata(unet_config: dict, rank: int, alpha: float, title: str,
+                   prediction_type: str = "epsilon") -> dict[str, str]:
+    """The safetensors metadata sd-scripts writes for a UNet LoRA: ss_network_module / dim / alpha,
+    ss_base_model_version, ss_v2, and the ModelSpec keys (modelspec.sai_model_spec "1.0.0",
+    architecture "<base>/lora", implementation, title, resolution = sample_size * 8 pixels, date,
+    prediction_type) ComfyUI and A1111 show."""
+    version = base_model_version(unet_config, prediction_type)
+    v_pred = prediction_type == "v_prediction"
+    if is_sdxl(unet_config):
+        architecture, implementation = "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"
+    else:
+        architecture = ("stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512") \
+            if version.startswith("sd_v2") else "stable-diffusion-v1"
+        implementation = "diffusers"
+    size = int(unet_config.get("sample_size", 64)) * 8
+    return {
+        "format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(float(alpha)), "ss_base_model_version": version,
+        "ss_v2": str(version.startswith("sd_v2")),
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": implementation, "modelspec.title": title,
+        "modelspec.resolution": f"{size}x{size}", "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.date": datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
+    }
 
 
 def _layers(lora_tree: dict) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
@@ -80,8 +172,11 @@ def save_peft_lora(path: str, lora_tree: dict, rank: int, alpha: float, prefix: 
     return _summary(path, "peft", tensors, rank, alpha, dtype)
 
 
-def save_kohya_lora(path: str, lora_tree: dict, rank: int, alpha: float, dtype=np.float32) -> dict:
-    """Writes the LoRA as a kohya (sd-scripts) safetensors file with diffusers-style block names.
+def save_kohya_lora(path: str, lora_tree: dict, rank: int, alpha: float, *, unet_config: dict,
+                    title: str = "", prediction_type: str = "epsilon", dtype=np.float32) -> dict:
+    """Writes the LoRA as a kohya (sd-scripts) safetensors file for the base UNet of `unet_config`
+    (its config.json): key names and metadata as sd-scripts writes them (module docstring,
+    `kohya_metadata`; `title` defaults to the file name). `prediction_type`: the base scheduler's.
 
     Only attention-block layers (inside `attentions_i`) are written: diffusers' kohya converter
     mis-renames some other layers (e.g. SDXL add_embedding), so those raise a UserError.
@@ -91,14 +186,15 @@ def save_kohya_lora(path: str, lora_tree: dict, rank: int, alpha: float, dtype=n
     outside = [module_name(p) for p in layers if not any(m.startswith("attentions_") for m in p)]
     check(not outside, f"kohya export supports only layers inside attention blocks; these are not: "
                        f"{summarise(outside)} (export them in the peft format).")
+    ldm_blocks = ldm_attention_blocks(*_block_layers_of_config(unet_config)) if is_sdxl(unet_config) else None
     tensors = {}
     for p, (a, b) in layers.items():
-        key = _kohya_name(module_name(p))
+        key = _kohya_name(module_name(p), ldm_blocks)
         tensors[f"{key}.lora_down.weight"] = a.T.astype(dtype)
         tensors[f"{key}.lora_up.weight"] = b.T.astype(dtype)
         tensors[f"{key}.alpha"] = np.asarray(alpha, dtype)
-    write_safetensors(path, tensors, {"format": "pt", "ss_network_dim": str(rank),
-                                      "ss_network_alpha": str(float(alpha))})
+    title = title or os.path.splitext(os.path.basename(path))[0]
+    write_safetensors(path, tensors, kohya_metadata(unet_config, rank, alpha, title, prediction_type))
     return _summary(path, "kohya", tensors, rank, alpha, dtype)
 
 
@@ -157,7 +253,9 @@ def load_lora_file(path: str, params: dict, allow_pickle: bool = False) -> tuple
     flat = traverse_util.flatten_dict(params)
     kernels = {p[:-1]: tuple(v.shape) for p, v in flat.items() if p[-1] == "kernel" and len(v.shape) == 2}
     by_name = {module_name(p): p for p in kernels}
+    ldm_blocks = ldm_attention_blocks(*_block_layers_of_params(params))
     by_name.update({_kohya_name(module_name(p)): p for p in kernels})
+    by_name.update({_kohya_name(module_name(p), ldm_blocks): p for p in kernels})
     parts: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
     foreign, formats = [], set()
     for key, value in tensors.items():

@@ -64,10 +64,22 @@ def save_unet_folder(folder: str, unet_config: dict, params: dict, fp16: bool = 
             "dtype": "float16" if fp16 else "float32"}
 
 
-def save_pipeline_folder(base_pipeline_folder: str, out_folder: str, params: dict, fp16: bool = False) -> dict:
-    """Copies the base pipeline (everything but unet/) and writes `params` as its unet/.
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link of `source` at `target`, or a copy where links are impossible (other device)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
-    Load with `DiffusionPipeline.from_pretrained(out_folder)`.
+
+def save_pipeline_folder(base_pipeline_folder: str, out_folder: str, params: dict, fp16: bool = False,
+                         link: bool = False) -> dict:
+    """Copies the base pipeline (model_index.json and every component but unet/) and writes
+    `params` as its unet/. `link`: hard-link the base's files instead of copying them (no extra
+    disk; falls back to a copy across devices).
+
+    Load with `DiffusionPipeline.from_pretrained(out_folder)` (ComfyUI: its diffusers loader).
+    Returns {"path", "dtype", "components"} (the components taken from the base).
     """
     check(os.path.isfile(os.path.join(base_pipeline_folder, "model_index.json")),
           f"{base_pipeline_folder}: not a diffusers pipeline folder (no model_index.json).")
@@ -78,9 +90,11 @@ def save_pipeline_folder(base_pipeline_folder: str, out_folder: str, params: dic
     tmp = tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=parent)
     try:
         os.rmdir(tmp)
-        shutil.copytree(base_pipeline_folder, tmp, ignore=shutil.ignore_patterns("unet"))
+        shutil.copytree(base_pipeline_folder, tmp, ignore=shutil.ignore_patterns("unet"),
+                        copy_function=_link_or_copy if link else shutil.copy2)
         _write_unet(os.path.join(tmp, "unet"), config, params, fp16)
+        components = sorted(e.name for e in os.scandir(tmp) if e.is_dir() and e.name != "unet")
         _replace_folder(tmp, out_folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"path": out_folder, "dtype": "float16" if fp16 else "float32"}
+    return {"path": out_folder, "dtype": "float16" if fp16 else "float32", "components": components}
