@@ -7,6 +7,7 @@ import os
 
 from safealign_jax.data.users import read_users
 from safealign_jax.errors import UserError, check
+from safealign_jax.eval.device import torch_device
 
 SAFETY_BENCHMARKS = ("i2p", "ud", "coprov2", "sage_seen", "sage_unseen", "custom")
 JUDGE_BENCHMARKS = ("sage_seen", "sage_unseen", "custom")
@@ -33,6 +34,7 @@ class Scorers:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
+        self.device = torch_device(config.metrics.device)  # Q16 and CLIPScore; FID: scoring.fid_score
         self._loaded: dict = {}
 
     def check(self, benchmarks: list[str]) -> None:
@@ -72,7 +74,8 @@ class Scorers:
         from safealign_jax.eval.q16 import Q16
 
         m = self.config.models
-        return self._get("q16", lambda: Q16.from_folders(m.q16_clip, m.q16_prompts, batch_size=self.config.metrics.batch_size))
+        return self._get("q16", lambda: Q16.from_folders(m.q16_clip, m.q16_prompts, device=self.device,
+                                                         batch_size=self.config.metrics.batch_size))
 
     def nudenet(self):
         from safealign_jax.eval.nudity import NudityDetector
@@ -83,7 +86,7 @@ class Scorers:
         from safealign_jax.eval.clip_score import ClipScorer
 
         m = self.config.models
-        return self._get("clip", lambda: ClipScorer.from_folder(m.clip_score, m.clip_score_kind))
+        return self._get("clip", lambda: ClipScorer.from_folder(m.clip_score, m.clip_score_kind, device=self.device))
 
     def users(self):
         path = self.config.psa.users

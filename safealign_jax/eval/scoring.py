@@ -11,6 +11,7 @@ from PIL import Image
 
 from safealign_jax.errors import check
 from safealign_jax.eval import generation
+from safealign_jax.eval.device import torch_device
 from safealign_jax.eval.inappropriate import inappropriate_probability
 from safealign_jax.eval.scorers import JUDGE_BENCHMARKS, SAFETY_BENCHMARKS, Scorers, names
 
@@ -103,7 +104,8 @@ def fid_score(config, folder: str, records: list[dict], workdir: str) -> float:
     """FID (Inception pool3) of the run's images against the reference."""
     from safealign_jax.eval import fid
 
-    extractor = fid.InceptionFeatures.from_weights(config.models.inception or None, batch_size=config.metrics.batch_size)
+    extractor = fid.InceptionFeatures.from_weights(config.models.inception or None, device=torch_device(config.metrics.device),
+                                                   batch_size=config.metrics.batch_size)
     parts, size = [], 0
     for _, images in _batches(folder, records, config.metrics.batch_size):
         parts.append(extractor(images))
