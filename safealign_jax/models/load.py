@@ -10,13 +10,17 @@ from safealign_jax.convert.checkpoint import read_config, read_state_dict
 from safealign_jax.convert.names import DIFFUSERS_NAMES, params_from_state_dict
 from safealign_jax.errors import check
 from safealign_jax.models.layers import Dtype
+from safealign_jax.models.resolve import resolve_model
 from safealign_jax.models.unet import UNet2DConditionModel
 from safealign_jax.models.unet_config import UNetConfig
 
 
 def component_folder(folder: str, component: str) -> str:
-    """`folder` itself if it is a component folder, else `folder/component` of a pipeline."""
-    check(os.path.isdir(folder), f"{folder}: no such folder.")
+    """`folder` itself if it is a component folder, else `folder/component` of a pipeline.
+
+    `folder` may also be a hub id `ORG/NAME` in the local Hugging Face cache (`resolve_model`).
+    """
+    folder = resolve_model(folder)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     sub = os.path.join(folder, component)
