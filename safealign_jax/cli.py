@@ -95,12 +95,22 @@ def compilation_cache_folder() -> str:
 
 
 def _enable_compilation_cache() -> None:
-    from safealign_jax.bench.cache import enable_compilation_cache
-
+    """`compilation_cache_folder` for every compile of at least a second; through JAX's environment
+    variables while JAX is not imported yet (the first line comes before that import)."""
+    folder = compilation_cache_folder()
     try:
-        enable_compilation_cache(compilation_cache_folder())
+        os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        status(f"warning: no compilation cache ({compilation_cache_folder()}: {e.strerror})")
+        status(f"warning: no compilation cache ({folder}: {e.strerror})")
+        return
+    if "jax" in sys.modules:
+        from safealign_jax.bench.cache import enable_compilation_cache
+
+        enable_compilation_cache(folder)
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def output_folder(path: str) -> str:

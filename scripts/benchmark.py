@@ -16,68 +16,14 @@ the datasheet peak (GPU / TPU) or a measured fp32 matmul peak (CPU), named in th
 mode=memory (`safealign_jax.bench.memory`): AOT-compiles the train step of
 configs/train.py:<preset> at memory_pairs_per_device for this host's devices from abstract shapes
 (no weights), and writes XLA's memory analysis to workdir/memory.json.
+
+The command is safealign_jax/commands/benchmark.py (installed as `safealign-benchmark`);
+`main(config, workdir, command)` is its work.
 """
 
-import importlib.util
-import json
-import os
-import sys
+from safealign_jax.commands import benchmark as command
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def base_train_config(preset: str):
-    """configs/train.py:<preset>."""
-    spec = importlib.util.spec_from_file_location("train_config", os.path.join(REPO, "configs", "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
-
-
-def memory(config, workdir: str) -> dict:
-    """XLA's memory analysis of the trainer's step at the preset's size; writes workdir/memory.json."""
-    from safealign_jax.bench.memory import GB, compiled_memory
-    from safealign_jax.models import UNetConfig
-
-    tc = base_train_config(config.preset)
-    tc.train.pairs_per_device = config.memory_pairs_per_device
-    tc.model.attention = config.attention
-    tc.data.resolution, tc.data.seq_len = config.resolution, config.seq_len
-    result = compiled_memory(tc, UNetConfig.from_diffusers(config.unet.to_dict(), "configs/benchmark.py"))
-    with open(os.path.join(workdir, "memory.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"{config.preset}: {result['pairs_per_device']} pairs/device at {config.resolution} px, "
-          f"{result['compute_dtype']} compute, {result['param_dtype']} base, remat {result['remat_policy']}, "
-          f"attention {result['attention']}, compiled on {result['platform']} in {result['compile_s']:.0f} s")
-    for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "total_bytes"):
-        print(f"  {key.removesuffix('_bytes'):>9}: {result[key] / GB:8.2f} GB")
-    print(f"  model FLOPs per step: {result['model_flops'] / 1e12:.2f} TFLOP "
-          f"({result['model_flops'] / result['pairs_per_device'] / result['devices'] / 1e12:.2f} per pair)")
-    return result
-
-
-def main(config, workdir: str, command: str = "") -> dict:
-    """Runs `config.mode`; returns its report."""
-    from safealign_jax.bench import compare
-    from safealign_jax.errors import check
-    from safealign_jax.models.attention import IMPLEMENTATIONS
-
-    check(config.attention in IMPLEMENTATIONS,
-          f"--config.attention={config.attention!r} is unknown (expected one of {IMPLEMENTATIONS}).")
-    check(config.mode in ("compare", "memory"),
-          f"--config.mode={config.mode!r} is unknown (expected compare or memory).")
-    os.makedirs(workdir, exist_ok=True)
-    if config.mode == "memory":
-        return memory(config, workdir)
-    report = compare.run_benchmark(config, base_train_config(config.preset), workdir,
-                                   command or " ".join(sys.argv))
-    print(compare.table(report))
-    return report
-
+main = command.run
 
 if __name__ == "__main__":
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX and torch share the device
-    from safealign_jax import cli
-
-    CONFIG = cli.define_flags()
-    cli.run(lambda config, workdir: main(config, workdir), CONFIG)
+    command.main()

@@ -5,20 +5,14 @@
 Leaves WORKDIR/report.md + report.json (targets, per-method and PSA tables), plots and image
 grids (PNG), the exported Co-Merge LoRA (peft) and PSA adapter (IP-Adapter layout). Re-runs reuse
 the cached base model and every finished stage. See safealign_jax/synthetic/demo.py.
+
+The command is safealign_jax/commands/demo.py (installed as `safealign-demo`); `main(config,
+workdir)` is its work, as in every script.
 """
 
-from safealign_jax import cli
+from safealign_jax.commands import demo as command
 
-CONFIG = cli.define_flags()
-
-
-def main(config, workdir):
-    from safealign_jax.synthetic import demo, report
-
-    results = demo.run(config, workdir)
-    print(report.markdown(results, results["world"]["categories"]).split("## Methods")[0])
-    print(f"wrote {workdir}/report.md, report.json, plots, grids/ and export/")
-
+main = command.run
 
 if __name__ == "__main__":
-    cli.run(main, CONFIG)
+    command.main()
