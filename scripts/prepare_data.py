@@ -31,6 +31,7 @@ import os
 
 from safealign_jax import cli
 from safealign_jax.errors import UserError
+from safealign_jax.models.resolve import resolve_model
 
 CONFIG = cli.define_flags()
 KINDS = ("coprov2", "sage", "pairs")
@@ -93,6 +94,7 @@ def main(config, workdir):
 
     if not config.pipeline:
         raise UserError("--config.pipeline is empty: give a diffusers pipeline folder.")
+    config.pipeline = resolve_model(config.pipeline, "--config.pipeline")  # a hub id: its cache folder
     if config.kind not in KINDS:
         raise UserError(f"--config.kind={config.kind!r} is not one of {list(KINDS)}.")
     if not config.progress_bar:
