@@ -23,6 +23,7 @@ from safealign_jax import adapter as user_adapter
 from safealign_jax.convert.checkpoint import read_config
 from safealign_jax.errors import UserError, check
 from safealign_jax.models import load_text_encoder, load_tokenizer, load_unet, load_vae, tokenize
+from safealign_jax.models.embeddings import sdxl_time_ids
 from safealign_jax.models.layers import Dtype
 from safealign_jax.models.resolve import resolve_model
 from safealign_jax.schedulers import SchedulerConfig, make_sampler, read_scheduler_config
@@ -207,12 +208,10 @@ def generate(
     context = jnp.concatenate([neg_context, context])
     added = None
     if pipe.is_sdxl:
-        time_ids = jnp.asarray(
-            [*(original_size or (height, width)), *crop_coords, *(target_size or (height, width))], jnp.float32
-        )
         added = {
             "text_embeds": jnp.concatenate([neg_pooled, pooled]),
-            "time_ids": jnp.tile(time_ids[None], (2 * batch, 1)),
+            "time_ids": jnp.asarray(sdxl_time_ids(2 * batch, height, width, crop=crop_coords, original=original_size,
+                                                  target=target_size)),
         }
 
     variables = {"params": unet_params if unet_params is not None else pipe.unet_params}

@@ -72,6 +72,18 @@ def test_cache_equals_direct_encoding(built):
         "0000000/harmful", "0000008/harmful"]
 
 
+def test_encode_texts_in_padded_chunks_equals_one_call(built):
+    """encode_texts(batch=k): chunks of k prompts padded with "" (the synthetic world's fixed
+    shape) give the rows of one unpadded call."""
+    pipe = load_pipeline(built[1])
+    prompts = ["a cat", "a red car on a road", "", "the sky", "two dogs"]
+    states, pooled = cache.encode_texts(pipe, prompts)
+    chunked, chunked_pooled = cache.encode_texts(pipe, prompts, batch=2)
+    assert states.shape[0] == chunked.shape[0] == 5 and pooled is None and chunked_pooled is None
+    np.testing.assert_allclose(chunked, states, atol=1e-6)
+    np.testing.assert_allclose(chunked, np.asarray(encode_prompts(pipe, prompts)[0]), atol=1e-6)
+
+
 def test_rerun_skips_finished_shards_and_refuses_other_settings(built):
     dataset, pipeline, out, _ = built
     metadata = json.loads((out / cache.METADATA).read_text())

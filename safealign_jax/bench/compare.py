@@ -62,6 +62,7 @@ def make_inputs(config, workdir: str) -> None:
     from safealign_jax import lora
     from safealign_jax.bench.memory import unet_structure
     from safealign_jax.models import UNet2DConditionModel
+    from safealign_jax.models.embeddings import sdxl_time_ids
     from safealign_jax.models.load import abstract_params
 
     structure = unet_structure(ml_collections.ConfigDict({"model": {"path": os.path.join(workdir, "models")}}))
@@ -79,7 +80,7 @@ def make_inputs(config, workdir: str) -> None:
         pooled = structure.projection_class_embeddings_input_dim - 6 * structure.addition_time_embed_dim
         arrays["text_embeds"] = rng.standard_normal((b, pooled), np.float32)
         res = float(config.resolution)
-        arrays["time_ids"] = np.tile(np.array([res, res, 0, 0, res, res], np.float32), (b, 1))
+        arrays["time_ids"] = sdxl_time_ids(b, res)
     for path, leaf in traverse_util.flatten_dict(tree).items():
         value = np.asarray(leaf)
         if path[-1] == "b":

@@ -52,22 +52,21 @@ class NameTable:
         return self.prefix + ".".join(parts)
 
 
-def torch_to_flax_array(array: np.ndarray, leaf: str) -> np.ndarray:
-    """PyTorch layout -> Flax layout for a tensor stored at Flax leaf name `leaf`."""
+def _kernel_layout(array: np.ndarray, leaf: str, conv_axes: tuple[int, ...]) -> np.ndarray:
+    """A kernel transposed: conv (4-d) by `conv_axes`, linear (2-d) swapped; other leaves as is."""
     if leaf == "kernel" and array.ndim == 4:
-        return np.transpose(array, (2, 3, 1, 0))
-    if leaf == "kernel" and array.ndim == 2:
-        return array.T
-    return array
+        return np.transpose(array, conv_axes)
+    return array.T if leaf == "kernel" and array.ndim == 2 else array
+
+
+def torch_to_flax_array(array: np.ndarray, leaf: str) -> np.ndarray:
+    """PyTorch layout -> Flax layout for a tensor stored at Flax leaf name `leaf` (conv OIHW -> HWIO)."""
+    return _kernel_layout(array, leaf, (2, 3, 1, 0))
 
 
 def flax_to_torch_array(array: np.ndarray, leaf: str) -> np.ndarray:
-    """Flax layout -> PyTorch layout; the inverse of `torch_to_flax_array`."""
-    if leaf == "kernel" and array.ndim == 4:
-        return np.transpose(array, (3, 2, 0, 1))
-    if leaf == "kernel" and array.ndim == 2:
-        return array.T
-    return array
+    """Flax layout -> PyTorch layout; the inverse of `torch_to_flax_array` (conv HWIO -> OIHW)."""
+    return _kernel_layout(array, leaf, (3, 2, 0, 1))
 
 
 def params_from_state_dict(

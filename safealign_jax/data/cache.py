@@ -27,6 +27,7 @@ import io
 import json
 import os
 import threading
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import numpy as np
 from safealign_jax.data import categories, coprov2, views
 from safealign_jax.data.images import decode_image
 from safealign_jax.errors import UserError
+from safealign_jax.models.embeddings import sdxl_time_ids
 
 FORMAT = "safealign_latent_cache/1"
 DTYPES = ("float32", "float16")
@@ -93,12 +95,19 @@ def _vae_moments(vae, params, images):
     return jnp.concatenate([mean, logvar], axis=-1)
 
 
-def encode_texts(pipe, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-    """(states (B, S, D), pooled (B, P) or None) float32, as `pipeline.encode_prompts`."""
+def encode_texts(pipe, prompts: list[str], batch: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(states (B, S, D), pooled (B, P) or None) float32, as `pipeline.encode_prompts`; with
+    `batch`, in chunks of `batch` prompts padded with "" (one compiled shape for any count)."""
     from safealign_jax.pipeline import encode_prompts
 
-    states, pooled = encode_prompts(pipe, prompts)
-    return np.asarray(states, np.float32), None if pooled is None else np.asarray(pooled, np.float32)
+    if batch is None:
+        states, pooled = encode_prompts(pipe, prompts)
+        return np.asarray(states, np.float32), None if pooled is None else np.asarray(pooled, np.float32)
+    parts = [encode_texts(pipe, prompts[i:i + batch] + [""] * max(0, i + batch - len(prompts)))
+             for i in range(0, len(prompts), batch)]
+    states = np.concatenate([s for s, _ in parts])[: len(prompts)]
+    pooled = None if parts[0][1] is None else np.concatenate([p for _, p in parts])[: len(prompts)]
+    return states, pooled
 
 
 def encode_images(pipe, images: np.ndarray) -> np.ndarray:
@@ -146,6 +155,47 @@ def _encode_pairs(pipe, records: list[dict], resolution: int, batch_size: int, d
     return out
 
 
+def check_settings(dtype: str, resolution: int, batch_size: int, shard_size: int) -> None:
+    """UserError unless the cache settings are usable (shared by every kind of cache)."""
+    if dtype not in DTYPES:
+        raise UserError(f"cache dtype {dtype!r} is not one of {list(DTYPES)}.")
+    if resolution < 8 or resolution % 8:
+        raise UserError(f"resolution {resolution} is not a positive multiple of 8.")
+    if batch_size < 1 or shard_size < 1:
+        raise UserError(f"batch_size {batch_size} and shard_size {shard_size} must be >= 1.")
+
+
+def write_shards(out: Path, pipe, metadata: dict, items, encode: Callable[[list], list[bytes]], *,
+                 batch_size: int, shard_size: int, index: int, count: int, desc: str, progress: bool) -> None:
+    """Writes a cache into `out` (any kind: `encode(items) -> packed records`, in batches of
+    `batch_size`): process 0 first writes the empty prompt's text states and `metadata`, then each
+    process encodes its shards index::count of metadata["shards"] not yet present, each written
+    to a temporary file that is renamed into place (resumable; no partial shard after a crash)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tqdm import tqdm
+
+    _check_metadata(out, metadata)
+    if index == 0:
+        states, pooled = encode_texts(pipe, [""])
+        empty = {"encoder_hidden_states": states[0]} | ({"pooled": pooled[0]} if pooled is not None else {})
+        _write_atomic(out / EMPTY, pack(empty))
+        _write_atomic(out / METADATA, json.dumps(metadata, indent=1).encode())
+    names = metadata["shards"]
+    mine = [k for k in range(index, len(names), count) if not (out / names[k]).is_file()]
+    todo = sum(min(shard_size, len(items) - k * shard_size) for k in mine)
+    with tqdm(total=todo, desc=f"{desc} (process {index})", unit="pair", disable=not progress) as bar:
+        for k in mine:
+            shard = [items[i] for i in range(k * shard_size, min(len(items), (k + 1) * shard_size))]
+            tmp = out / f"{names[k]}.tmp{os.getpid()}"
+            writer = ArrayRecordWriter(str(tmp), "group_size:1")
+            for start in range(0, len(shard), batch_size):
+                for packed in encode(shard[start : start + batch_size]):
+                    writer.write(packed)
+                bar.update(min(batch_size, len(shard) - start))
+            writer.close()
+            os.replace(tmp, out / names[k])
+
+
 def write_cache(built_dir, pipeline_dir: str, out_dir, *, resolution: int, split: str = "train",
                 dtype: str = "float32", batch_size: int = 8, shard_size: int = 1024,
                 process_index: int | None = None, process_count: int | None = None,
@@ -153,15 +203,7 @@ def write_cache(built_dir, pipeline_dir: str, out_dir, *, resolution: int, split
     """Encodes `split` of a built coprov2_pairs data set (builder or version folder) with the
     pipeline's VAE and text encoders into `out_dir`; returns the metadata. Shards already present
     are skipped; this process writes shards process_index::process_count (default: JAX's)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-    from tqdm import tqdm
-
-    if dtype not in DTYPES:
-        raise UserError(f"cache dtype {dtype!r} is not one of {list(DTYPES)}.")
-    if resolution < 8 or resolution % 8:
-        raise UserError(f"resolution {resolution} is not a positive multiple of 8.")
-    if batch_size < 1 or shard_size < 1:
-        raise UserError(f"batch_size {batch_size} and shard_size {shard_size} must be >= 1.")
+    check_settings(dtype, resolution, batch_size, shard_size)
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     source, built_meta = views.open_built(built_dir, split)
@@ -178,37 +220,23 @@ def write_cache(built_dir, pipeline_dir: str, out_dir, *, resolution: int, split
         "shift_factor": float(pipe.vae.config.shift_factor or 0.0),
         "sdxl": pipe.is_sdxl,
     }
-    _check_metadata(out, metadata)
-    if index == 0:
-        states, pooled = encode_texts(pipe, [""])
-        empty = {"encoder_hidden_states": states[0]} | ({"pooled": pooled[0]} if pooled is not None else {})
-        _write_atomic(out / EMPTY, pack(empty))
-        _write_atomic(out / METADATA, json.dumps(metadata, indent=1).encode())
-    mine = [k for k in range(index, len(names), count) if not (out / names[k]).is_file()]
-    todo = sum(min(shard_size, len(source) - k * shard_size) for k in mine)
-    with tqdm(total=todo, desc=f"cache (process {index})", unit="pair", disable=not progress) as bar:
-        for k in mine:
-            records = [source[i] for i in range(k * shard_size, min(len(source), (k + 1) * shard_size))]
-            tmp = out / f"{names[k]}.tmp{os.getpid()}"
-            writer = ArrayRecordWriter(str(tmp), "group_size:1")
-            for start in range(0, len(records), batch_size):
-                for packed in _encode_pairs(pipe, records[start : start + batch_size], resolution,
-                                            batch_size, dtype):
-                    writer.write(packed)
-                bar.update(min(batch_size, len(records) - start))
-            writer.close()
-            os.replace(tmp, out / names[k])
+    write_shards(out, pipe, metadata, source, lambda batch: _encode_pairs(pipe, batch, resolution, batch_size, dtype),
+                 batch_size=batch_size, shard_size=shard_size, index=index, count=count, desc="cache",
+                 progress=progress)
     return metadata
 
 
-def open_cache(cache_dir) -> tuple[dict, dict[str, np.ndarray]]:
-    """(metadata, empty-prompt arrays) of a complete cache; fails naming missing shards."""
+def open_cache(cache_dir, form: str = FORMAT, kind: str = "latent cache", build: str = "scripts/prepare_data.py",
+               other: str = "") -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata, empty-prompt arrays) of a complete cache of format `form`; fails naming missing
+    shards (`kind`, `build`: how messages name the cache and the command that builds it; `other`:
+    said after a wrong format)."""
     path = Path(cache_dir)
     if not (path / METADATA).is_file():
-        raise UserError(f"{path}: not a latent cache (no {METADATA}); build it with scripts/prepare_data.py.")
+        raise UserError(f"{path}: not a {kind} (no {METADATA}); build it with {build}.")
     metadata = json.loads((path / METADATA).read_text())
-    if metadata.get("format") != FORMAT:
-        raise UserError(f"{path / METADATA}: format {metadata.get('format')!r}, expected {FORMAT!r}.")
+    if metadata.get("format") != form:
+        raise UserError(f"{path / METADATA}: format {metadata.get('format')!r}, expected {form!r}{other}.")
     missing = [n for n in metadata["shards"] if not (path / n).is_file()]
     if missing:
         raise UserError(f"{path}: {len(missing)} shard(s) missing (e.g. {missing[0]}); rerun prepare_data.")
@@ -277,9 +305,15 @@ class CachedPairs:
     def __init__(self, cache_dir, *, seed: int, global_rows: int, rows: slice,
                  category: str | None = None, both_captions: bool = False, flip: str = "none",
                  num_threads: int = 4, shard=None):
+        self._start(CachedExamples(cache_dir, category, both_captions), seed=seed, global_rows=global_rows,
+                    rows=rows, flip=flip, num_threads=num_threads, shard=shard)
+
+    def _start(self, examples, *, seed: int, global_rows: int, rows: slice, flip: str, num_threads: int,
+               shard) -> None:
+        """Reads `examples` (a cache's examples with "id", "preferred", "rejected",
+        "encoder_hidden_states" [, "pooled"]) from the start; the constructors' common part."""
         from safealign_jax.data import loader
 
-        examples = CachedExamples(cache_dir, category, both_captions)
         meta = examples.metadata
         self.seed, self.global_rows, self.rows = seed, global_rows, rows
         self.scale, self.shift, self.sdxl = meta["scaling_factor"], meta["shift_factor"], meta["sdxl"]
@@ -304,14 +338,18 @@ class CachedPairs:
             for image, (key, name) in enumerate((("latents_w", "preferred"), ("latents_l", "rejected")))
         }
         self.index += 1
-        out = {**latents, "encoder_hidden_states": batch["encoder_hidden_states"]}
+        out = {**latents, "encoder_hidden_states": batch["encoder_hidden_states"], **self._extra(batch)}
         if self.sdxl:
             size = float(self.resolution)
             out["added_cond"] = {
                 "text_embeds": batch["pooled"],
-                "time_ids": np.tile(np.float32([[size, size, 0, 0, size, size]]), (len(rows), 1)),
+                "time_ids": sdxl_time_ids(len(rows), size),
             }
         return out
+
+    def _extra(self, batch: dict) -> dict:
+        """Entries a kind of cache adds to each batch (e.g. the PSA user embeddings); none here."""
+        return {}
 
     def last_ids(self) -> list[str]:
         """Example ids of this process's rows of the batch returned last (for error reports)."""

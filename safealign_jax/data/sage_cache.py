@@ -22,8 +22,6 @@ or non-finite files stay errors).
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import jax
@@ -75,15 +73,7 @@ def write_sage_cache(split_dir, users_csv, pipeline_dir: str, out_dir, *, resolu
                      process_count: int | None = None, progress: bool = True) -> dict:
     """Encodes the Sage split folder `split_dir` with the pipeline's VAE and text encoders into
     `out_dir`; returns the metadata. Resumable and multi-process like `cache.write_cache`."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-    from tqdm import tqdm
-
-    if dtype not in cache.DTYPES:
-        raise UserError(f"cache dtype {dtype!r} is not one of {list(cache.DTYPES)}.")
-    if resolution < 8 or resolution % 8:
-        raise UserError(f"resolution {resolution} is not a positive multiple of 8.")
-    if batch_size < 1 or shard_size < 1:
-        raise UserError(f"batch_size {batch_size} and shard_size {shard_size} must be >= 1.")
+    cache.check_settings(dtype, resolution, batch_size, shard_size)
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     records, report = read_records(split_dir, users_csv, policy)
@@ -98,42 +88,16 @@ def write_sage_cache(split_dir, users_csv, pipeline_dir: str, out_dir, *, resolu
         "scaling_factor": float(pipe.vae.config.scaling_factor),
         "shift_factor": float(pipe.vae.config.shift_factor or 0.0), "sdxl": pipe.is_sdxl,
     }
-    cache._check_metadata(out, metadata)
-    if index == 0:
-        states, pooled = cache.encode_texts(pipe, [""])
-        empty = {"encoder_hidden_states": states[0]} | ({"pooled": pooled[0]} if pooled is not None else {})
-        cache._write_atomic(out / cache.EMPTY, cache.pack(empty))
-        cache._write_atomic(out / cache.METADATA, json.dumps(metadata, indent=1).encode())
-    mine = [k for k in range(index, len(names), count) if not (out / names[k]).is_file()]
-    todo = sum(len(records[k * shard_size : (k + 1) * shard_size]) for k in mine)
-    with tqdm(total=todo, desc=f"sage cache (process {index})", unit="pair", disable=not progress) as bar:
-        for k in mine:
-            shard = records[k * shard_size : (k + 1) * shard_size]
-            tmp = out / f"{names[k]}.tmp{os.getpid()}"
-            writer = ArrayRecordWriter(str(tmp), "group_size:1")
-            for start in range(0, len(shard), batch_size):
-                for packed in _encode(pipe, shard[start : start + batch_size], resolution, batch_size, dtype):
-                    writer.write(packed)
-                bar.update(min(batch_size, len(shard) - start))
-            writer.close()
-            os.replace(tmp, out / names[k])
+    cache.write_shards(out, pipe, metadata, records, lambda batch: _encode(pipe, batch, resolution, batch_size, dtype),
+                       batch_size=batch_size, shard_size=shard_size, index=index, count=count, desc="sage cache",
+                       progress=progress)
     return metadata
 
 
 def open_sage_cache(cache_dir) -> tuple[dict, dict[str, np.ndarray]]:
     """(metadata, empty-prompt arrays) of a complete Sage cache; fails naming missing shards."""
-    path = Path(cache_dir)
-    if not (path / cache.METADATA).is_file():
-        raise UserError(f"{path}: not a Sage latent cache (no {cache.METADATA}); build it with "
-                        "scripts/prepare_data.py --config.kind=sage.")
-    metadata = json.loads((path / cache.METADATA).read_text())
-    if metadata.get("format") != FORMAT:
-        raise UserError(f"{path / cache.METADATA}: format {metadata.get('format')!r}, expected {FORMAT!r} "
-                        "(a CoProV2 cache? use --config.data.source=cache).")
-    missing = [n for n in metadata["shards"] if not (path / n).is_file()]
-    if missing:
-        raise UserError(f"{path}: {len(missing)} shard(s) missing (e.g. {missing[0]}); rerun prepare_data.")
-    return metadata, cache.unpack((path / cache.EMPTY).read_bytes())
+    return cache.open_cache(cache_dir, FORMAT, "Sage latent cache", "scripts/prepare_data.py --config.kind=sage",
+                            " (a CoProV2 cache? use --config.data.source=cache)")
 
 
 def cache_embeddings(folder, user_ids, dim: int, missing: str = "error") -> dict[str, np.ndarray]:
@@ -179,7 +143,7 @@ class SageCachedExamples:
         return example
 
 
-class SageCachedPairs:
+class SageCachedPairs(cache.CachedPairs):
     """The trainer's PSA batch source over a Sage cache (see safealign_jax/train/data.py): as
     `cache.CachedPairs` (seeded shuffle, per-process rows, latents drawn from the moments with a
     generator seeded by (seed, batch index, global row, image), exact resume), plus
@@ -189,53 +153,10 @@ class SageCachedPairs:
     def __init__(self, cache_dir, embeddings, *, seed: int, global_rows: int, rows: slice,
                  embed_dim: int = 3584, flip: str = "none", num_threads: int = 4, shard=None,
                  missing_embedding: str = "error"):
-        from safealign_jax.data import loader
-
         examples = SageCachedExamples(cache_dir)
-        meta = examples.metadata
-        self.vectors = cache_embeddings(embeddings, meta["user_ids"], embed_dim, missing_embedding)
-        self.seed, self.global_rows, self.rows = seed, global_rows, rows
-        self.scale, self.shift, self.sdxl = meta["scaling_factor"], meta["shift_factor"], meta["sdxl"]
-        self.resolution = meta["resolution"]
-        self.empty_embedding = examples.empty["encoder_hidden_states"].astype(np.float32)
-        self._dataset = loader.make_loader(examples, global_batch_size=global_rows, seed=seed,
-                                           shard=shard or cache._shard_of(rows, global_rows),
-                                           image_size=None, flip=flip, num_threads=num_threads)
-        self._iter = iter(self._dataset)
-        self.index = 0
-        self._ids: list[str] = []
+        self.vectors = cache_embeddings(embeddings, examples.metadata["user_ids"], embed_dim, missing_embedding)
+        self._start(examples, seed=seed, global_rows=global_rows, rows=rows, flip=flip, num_threads=num_threads,
+                    shard=shard)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        batch = next(self._iter)
-        rows = range(self.rows.start, self.rows.start + len(batch["id"]))
-        out = {
-            key: cache.sample_latents(batch[name], self.scale, self.shift,
-                                      [[self.seed, self.index, r, image] for r in rows])
-            for image, (key, name) in enumerate((("latents_w", "preferred"), ("latents_l", "rejected")))
-        }
-        self.index += 1
-        self._ids = [str(i) for i in batch["id"]]
-        out["encoder_hidden_states"] = batch["encoder_hidden_states"]
-        out["user_embedding"] = np.stack([self.vectors[str(u)] for u in batch["user_id"]])
-        if self.sdxl:
-            size = float(self.resolution)
-            out["added_cond"] = {
-                "text_embeds": batch["pooled"],
-                "time_ids": np.tile(np.float32([[size, size, 0, 0, size, size]]), (len(rows), 1)),
-            }
-        return out
-
-    def last_ids(self) -> list[str]:
-        """Record ids (Sage file_name) of this process's rows of the batch returned last."""
-        return list(self._ids)
-
-    def get_state(self) -> dict:
-        return {"index": self.index, "loader": self._iter.get_state()}
-
-    def set_state(self, state: dict) -> None:
-        self._iter = iter(self._dataset)
-        self._iter.set_state(state["loader"])
-        self.index = int(state["index"])
+    def _extra(self, batch: dict) -> dict:
+        return {"user_embedding": np.stack([self.vectors[str(u)] for u in batch["user_id"]])}

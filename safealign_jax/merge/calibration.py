@@ -26,6 +26,7 @@ from flax import traverse_util
 
 from safealign_jax.errors import UserError, check
 from safealign_jax.merge.trees import check_compatible
+from safealign_jax.models.embeddings import sdxl_time_ids
 from safealign_jax.models.layers import CALIBRATION
 from safealign_jax.schedulers import DDPMSchedule, add_noise
 
@@ -146,7 +147,7 @@ def cache_batches(cache_dir: str, schedule: DDPMSchedule, *, num_examples: int, 
             size = float(meta["resolution"])
             batch["added_cond"] = {
                 "text_embeds": jnp.asarray(np.stack([r["pooled"] for r in rows])),
-                "time_ids": jnp.tile(jnp.float32([[size, size, 0, 0, size, size]]), (batch_size, 1)),
+                "time_ids": jnp.asarray(sdxl_time_ids(batch_size, size)),
             }
         batches.append(batch)
     return batches

@@ -1,12 +1,25 @@
-"""Timestep embeddings, as diffusers' get_timestep_embedding / TimestepEmbedding."""
+"""Timestep embeddings, as diffusers' get_timestep_embedding / TimestepEmbedding, and SDXL's
+micro-conditioning `time_ids`."""
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from safealign_jax.models.layers import Dense, Dtype
+
+
+def sdxl_time_ids(batch: int, height: float, width: float | None = None, *, crop: Sequence[float] = (0, 0),
+                  original: Sequence[float] | None = None, target: Sequence[float] | None = None) -> np.ndarray:
+    """SDXL's added `time_ids` (batch, 6) float32, one row per example: the original size (h, w),
+    the crop's top-left corner (top, left) and the target size (h, w) in pixels; original and
+    target default to (height, width) (width defaults to height)."""
+    size = (height, height if width is None else width)
+    row = np.float32([*(original or size), *crop, *(target or size)])
+    return np.tile(row[None], (batch, 1))
 
 
 def timestep_embedding(

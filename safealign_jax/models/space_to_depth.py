@@ -19,6 +19,20 @@ CLASS_NAME = "SpaceToDepthAutoencoder"
 LOGVAR = -60.0  # an exact encoder: exp(LOGVAR / 2) ~ 1e-13 posterior std
 
 
+def space_to_depth(images, block: int):
+    """(B, H, W, C) -> (B, H/f, W/f, f*f*C) with f = `block` (numpy or jax arrays, type kept)."""
+    b, h, w, c = images.shape
+    return images.reshape(b, h // block, block, w // block, block, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+        b, h // block, w // block, block * block * c)
+
+
+def depth_to_space(latents, block: int, channels: int):
+    """The inverse of `space_to_depth`: (B, h, w, f*f*C) -> (B, h*f, w*f, C)."""
+    b, h, w, _ = latents.shape
+    return latents.reshape(b, h, w, block, block, channels).transpose(0, 1, 3, 2, 4, 5).reshape(
+        b, h * block, w * block, channels)
+
+
 @dataclasses.dataclass(frozen=True)
 class SpaceToDepthConfig:
     block_size: int = 2
@@ -60,17 +74,11 @@ class SpaceToDepthAutoencoder(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        b, h, w, c = images.shape
-        f = self.config.block_size
-        z = images.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // f, w // f, f * f * c)
-        z = z.astype(jnp.float32)
+        z = space_to_depth(images, self.config.block_size).astype(jnp.float32)
         return z, jnp.full_like(z, LOGVAR)
 
     def decode(self, z: jax.Array) -> jax.Array:
-        b, h, w, _ = z.shape
-        f, c = self.config.block_size, self.config.in_channels
-        x = z.reshape(b, h, w, f, f, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * f, w * f, c)
-        return x.astype(jnp.float32)
+        return depth_to_space(z, self.config.block_size, self.config.in_channels).astype(jnp.float32)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.decode(self.encode(images)[0])

@@ -182,13 +182,15 @@ class VAEMidBlock(nn.Module):
         return resnet(1)(x)
 
 
-class DownEncoderBlock2D(nn.Module):
-    """`num_layers` resnets to `out_channels`, then (unless last) the stride-2 downsampler."""
+class VAEBlock2D(nn.Module):
+    """`num_layers` resnets to `out_channels`, then the resampler: "down" = the stride-2
+    downsampler (diffusers' DownEncoderBlock2D), "up" = the 2x nearest upsampler
+    (UpDecoderBlock2D), "" = none (the last block)."""
 
     out_channels: int
     num_layers: int
     groups: int
-    add_downsample: bool
+    resample: str
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -197,27 +199,9 @@ class DownEncoderBlock2D(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, self.groups, VAE_EPS, name=f"resnets_{j}", **kw)(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = VAEDownsample2D(self.out_channels, name="downsamplers_0", **kw)(x)
-        return x
-
-
-class UpDecoderBlock2D(nn.Module):
-    """`num_layers` resnets to `out_channels`, then (unless last) the 2x nearest upsampler."""
-
-    out_channels: int
-    num_layers: int
-    groups: int
-    add_upsample: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for j in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, VAE_EPS, name=f"resnets_{j}", **kw)(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
         return x
 
@@ -237,9 +221,8 @@ class Encoder(nn.Module):
         x = conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(x)
         last = len(cfg.block_out_channels) - 1
         for i, channels in enumerate(cfg.block_out_channels):
-            x = DownEncoderBlock2D(
-                channels, cfg.layers_per_block, groups, i < last, name=f"down_blocks_{i}", **kw
-            )(x)
+            x = VAEBlock2D(channels, cfg.layers_per_block, groups, "down" if i < last else "",
+                           name=f"down_blocks_{i}", **kw)(x)
         x = VAEMidBlock(cfg.mid_block_add_attention, groups, name="mid_block", **kw)(x)
         x = nn.silu(group_norm(groups, VAE_EPS, name="conv_norm_out", **kw)(x))
         return conv(2 * cfg.latent_channels, 3, name="conv_out", **kw)(x)
@@ -262,9 +245,8 @@ class Decoder(nn.Module):
         x = VAEMidBlock(cfg.mid_block_add_attention, groups, name="mid_block", **kw)(x)
         last = len(channels) - 1
         for i, ch in enumerate(channels):
-            x = UpDecoderBlock2D(
-                ch, cfg.layers_per_block + 1, groups, i < last, name=f"up_blocks_{i}", **kw
-            )(x)
+            x = VAEBlock2D(ch, cfg.layers_per_block + 1, groups, "up" if i < last else "", name=f"up_blocks_{i}",
+                           **kw)(x)
         x = nn.silu(group_norm(groups, VAE_EPS, name="conv_norm_out", **kw)(x))
         return conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
 

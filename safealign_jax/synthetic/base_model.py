@@ -23,15 +23,18 @@ import optax
 from tqdm import tqdm
 
 from safealign_jax.convert.unet_files import save_unet_folder
-from safealign_jax.models import load_text_encoder, load_tokenizer, load_unet, tokenize
-from safealign_jax.models.space_to_depth import SpaceToDepthConfig
+from safealign_jax.data.cache import encode_texts
+from safealign_jax.models import load_tokenizer, load_unet
+from safealign_jax.models.space_to_depth import SpaceToDepthConfig, space_to_depth
 from safealign_jax.models.unet import UNet2DConditionModel
 from safealign_jax.models.unet_config import UNetConfig
+from safealign_jax.pipeline import load_pipeline
 from safealign_jax.schedulers import add_noise, ddpm_schedule, scheduler_config_from_dict, target
 from safealign_jax.synthetic import text
 from safealign_jax.synthetic.world import IMAGE_SIZE, World, prompt, training_templates
 
 MAX_TOKENS = 16
+TEXT_BATCH = 512  # prompts per text-encoder call (one compiled shape)
 SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
              "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "sample",
              "clip_sample": True, "set_alpha_to_one": False, "steps_offset": 1,
@@ -81,19 +84,6 @@ def _write_json(path: str, value: dict) -> None:
         json.dump(value, f, indent=2)
 
 
-def encode_texts(folder: str, prompts: list[str], batch: int = 512) -> np.ndarray:
-    """(N, MAX_TOKENS, D) float32 last hidden states of the pipeline's text encoder."""
-    module, params = load_text_encoder(folder)
-    tokenizer = load_tokenizer(folder)
-    apply = jax.jit(lambda ids: module.apply({"params": params}, ids).last_hidden_state)
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        ids = tokenize(tokenizer, chunk + [""] * (batch - len(chunk)))  # one compiled shape
-        out.append(np.asarray(apply(jnp.asarray(ids)))[: len(chunk)])
-    return np.concatenate(out)
-
-
 def pretrain(world: World, folder: str, *, steps: int, batch: int, learning_rate: float, seed: int,
              caption_dropout: float = 0.1, progress: bool = True) -> dict:
     """Trains the pipeline's UNet to draw the world; rewrites `folder/unet`. Returns a summary
@@ -101,7 +91,7 @@ def pretrain(world: World, folder: str, *, steps: int, batch: int, learning_rate
     scenes = world.all_scenes()
     templates = list(training_templates())
     prompts = [prompt(s, t) for s in scenes for t in templates]
-    states = encode_texts(folder, prompts + [""])
+    states, _ = encode_texts(load_pipeline(folder), prompts + [""], batch=TEXT_BATCH)
     empty, states = states[-1], states[:-1]
     module, params = load_unet(folder)
     vae_block = IMAGE_SIZE // module.config.sample_size
@@ -147,10 +137,3 @@ def pretrain(world: World, folder: str, *, steps: int, batch: int, learning_rate
     save_unet_folder(os.path.join(folder, "unet"), config, jax.device_get(params))
     return {"steps": steps, "batch": batch, "final_loss": float(losses[-100:].mean()),
             "seconds": seconds, "steps_per_s": steps / seconds}
-
-
-def space_to_depth(images: np.ndarray, block: int) -> np.ndarray:
-    """(B, H, W, C) -> (B, H/f, W/f, f*f*C), the layout of `SpaceToDepthAutoencoder.encode`."""
-    b, h, w, c = images.shape
-    return images.reshape(b, h // block, block, w // block, block, c).transpose(0, 1, 3, 2, 4, 5).reshape(
-        b, h // block, w // block, block * block * c)

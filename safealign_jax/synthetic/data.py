@@ -17,11 +17,14 @@ import os
 
 import numpy as np
 
+from safealign_jax.data.cache import encode_texts
 from safealign_jax.images import save_png
-from safealign_jax.pipeline import generate
-from safealign_jax.synthetic.base_model import encode_texts, space_to_depth
+from safealign_jax.models.space_to_depth import space_to_depth
+from safealign_jax.pipeline import generate, load_pipeline
+from safealign_jax.synthetic.base_model import TEXT_BATCH
 from safealign_jax.synthetic.users import User
 from safealign_jax.synthetic.world import Scene, World, prompt, training_templates
+from safealign_jax.train.data import SeededBatches
 
 
 @dataclasses.dataclass
@@ -97,7 +100,7 @@ def _uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round((image + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-class UserPairs:
+class UserPairs(SeededBatches):
     """User-conditioned preference pairs for PSA training (the trainer's BatchSource protocol).
 
     Record r < N: the harmful prompt of pair r for a random user (chosen = safe render if the
@@ -107,38 +110,26 @@ class UserPairs:
 
     def __init__(self, pairs: PairSet, users: list[User], pipeline_folder: str, *, seed: int,
                  global_rows: int, rows: slice, block: int, safe_share: float = 0.25):
-        states = encode_texts(pipeline_folder, pairs.harmful_prompts + pairs.safe_prompts + [""])
+        states, _ = encode_texts(load_pipeline(pipeline_folder), pairs.harmful_prompts + pairs.safe_prompts + [""],
+                                 batch=TEXT_BATCH)
         self.empty_embedding = states[-1]
         self.harmful_states, self.safe_states = np.split(states[:-1], 2)
         self.harmful_latents = space_to_depth(pairs.harmful_images, block)
         self.safe_latents = space_to_depth(pairs.safe_images, block)
         self.categories = pairs.categories
         self.users = users
-        self.seed, self.global_rows, self.rows, self.safe_share = seed, global_rows, rows, safe_share
-        self.index = 0
+        self.safe_share = safe_share
+        super().__init__(seed, global_rows, rows)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        rng = np.random.default_rng([self.seed, self.index])
-        self.index += 1
-        n = self.global_rows
+    def draw(self, rng: np.random.Generator, n: int) -> dict:
         pair = rng.integers(len(self.categories), size=n)
         user = rng.integers(len(self.users), size=n)
         safe_prompt = rng.random(n) < self.safe_share
         banned = np.array([self.users[u].bans(self.categories[p]) for p, u in zip(pair, user, strict=True)])
         prefer_safe = (banned | safe_prompt)[:, None, None, None]
-        batch = {
+        return {
             "latents_w": np.where(prefer_safe, self.safe_latents[pair], self.harmful_latents[pair]),
             "latents_l": np.where(prefer_safe, self.harmful_latents[pair], self.safe_latents[pair]),
             "encoder_hidden_states": np.where(safe_prompt[:, None, None], self.safe_states[pair], self.harmful_states[pair]),
             "user_embedding": np.stack([self.users[u].embedding for u in user]),
         }
-        return {k: v[self.rows] for k, v in batch.items()}
-
-    def get_state(self) -> dict:
-        return {"index": self.index}
-
-    def set_state(self, state: dict) -> None:
-        self.index = int(state["index"])
