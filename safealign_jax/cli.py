@@ -29,6 +29,7 @@ QUIET = -2  # --verbosity at or below which only results and errors are printed
 _START = time.perf_counter()
 _verbosity = -1  # set from --verbosity by run(); library callers outside a command talk
 _config_path = ""  # --config as resolved by _parse_flags
+_cache = None  # the compilation cache folder while a command runs (see command_cache)
 
 
 def define_flags(workdir_required: bool = True):
@@ -56,7 +57,7 @@ def run(main, config_flag, announce: bool = False) -> None:
     import of `main`)."""
 
     def _main(argv):
-        global _verbosity
+        global _verbosity, _cache
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         _verbosity = FLAGS.verbosity if FLAGS["verbosity"].present else -1
@@ -66,10 +67,12 @@ def run(main, config_flag, announce: bool = False) -> None:
         if announce:
             status(f"{name}: {_config_path}" + (f" -> {workdir}" if workdir else ""))
         try:
-            _enable_compilation_cache()
+            _cache = _enable_compilation_cache()
             main(config_flag.value, workdir)
         except UserError as e:
             _fail(str(e), getattr(e, "exit_code", 2))
+        finally:
+            _cache = None
 
     app.run(_main, flags_parser=_parse_flags)
 
@@ -94,7 +97,13 @@ def compilation_cache_folder() -> str:
     return os.path.join(cache, "safealign_jax", "xla")
 
 
-def _enable_compilation_cache() -> None:
+def command_cache() -> str | None:
+    """The compilation cache folder of the running command (None outside `run`, or when the
+    folder could not be created): the trainer's default for `train.compilation_cache`."""
+    return _cache
+
+
+def _enable_compilation_cache() -> str | None:
     """`compilation_cache_folder` for every compile of at least a second; through JAX's environment
     variables while JAX is not imported yet (the first line comes before that import)."""
     folder = compilation_cache_folder()
@@ -102,15 +111,15 @@ def _enable_compilation_cache() -> None:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         status(f"warning: no compilation cache ({folder}: {e.strerror})")
-        return
+        return None
     if "jax" in sys.modules:
         from safealign_jax.bench.cache import enable_compilation_cache
 
-        enable_compilation_cache(folder)
-        return
+        return enable_compilation_cache(folder)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    return os.path.abspath(folder)
 
 
 def output_folder(path: str) -> str:

@@ -102,7 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.sample_prompts = "a photo of a cat|a city street at night|a portrait of a person"  # '|'-separated
     c.train.sample_steps = 25
     c.train.sample_guidance = 7.5
-    c.train.compilation_cache = ""  # persistent XLA compilation cache folder; "" = workdir/compilation_cache
+    c.train.compilation_cache = ""  # persistent XLA compilation cache; "" = the commands' (cli.compilation_cache_folder), else workdir/compilation_cache
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: fill with the remaining devices

@@ -330,7 +330,8 @@ def train(config, workdir: str, source=None):
         reliability.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), first)
 
     # after every input check (model, data, resume), so that a refused run leaves its workdir as it was
-    cache = enable_compilation_cache(config.train.compilation_cache or os.path.join(workdir, "compilation_cache"))
+    cache = enable_compilation_cache(config.train.compilation_cache or cli.command_cache()
+                                     or os.path.join(workdir, "compilation_cache"))
     with _Stage("preparing the step, sample grids and logs", talk):
         step_fn = make_step_fn(config, module, optimizer)
         empty = getattr(source, "empty_embedding", None)  # the cached "" embedding, else zeros
