@@ -20,7 +20,7 @@ demo: setup
 	$(PY) scripts/demo.py --config configs/demo.py --workdir $(WORKDIR)
 
 test: setup
-	$(PY) -m ruff check safealign_jax scripts configs tests
+	$(PY) -m ruff check safealign_jax scripts tests  # configs/ links to safealign_jax/configs
 	$(PY) -m pytest -q tests
 
 test-slow: setup
