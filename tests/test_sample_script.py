@@ -40,6 +40,8 @@ def test_generates_and_resumes(model, tmp_path):
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["file"] for r in records] == ["00000_a.png", "00001_b.png", "00002_c.png"]
     assert records[1]["prompt"] == "a dog, running" and records[1]["seed"] == 1
+    with Image.open(out / "00001_b.png") as png:  # the real size, and the settings in the PNG
+        assert (records[1]["width"], records[1]["height"]) == png.size and png.text["seed"] == "1"
     assert (out / "contact_sheet.png").exists()
 
 

@@ -5,10 +5,13 @@
     users = row_users(rows, level=3)                                      # PSA; None for SafetyDPO
     generate_run(model, rows, "eval/safetydpo/i2p", GenerationSettings(), users, embeddings="emb/")
 
-A run folder holds `images/<name>.png` (one per prompt row, named by `image_name`), `manifest.jsonl`
-(one record per generated image: file, row, id, prompt, seed, category, categories, user) and
-`run.json` (model and settings). Images already present are skipped, so an interrupted run goes on
-where it stopped; a run folder made with other settings is refused rather than mixed.
+A run folder holds `images/<name>.png` (one per prompt row, named by `image_name`; scripts/sample.py
+puts them in the folder itself), `manifest.jsonl` (one record per generated image: file, row, id,
+prompt, seed, category, categories, user, height, width) and `run.json` (model and settings). Images
+already present are skipped, so an interrupted run goes on where it stopped; a run folder made with
+other settings is refused rather than mixed. Each PNG carries its prompt, negative prompt, seed,
+steps, guidance, sampler, size and model as text chunks, and the same as an A1111-style
+"parameters" chunk (`png_text`), which A1111 / ComfyUI / civitai read.
 
 Seeds (`seeding`, `image_seed`): "per_prompt" (default): a row's own seed (a CSV's sd_seed column,
 I2P's) when `use_file_seeds`, else `seed + row index`. "single_stream": SafetyDPO's inference
@@ -42,14 +45,17 @@ from safealign_jax.errors import UserError, check
 from safealign_jax.images import save_png
 from safealign_jax.pipeline import Pipeline, generate, load_pipeline
 from safealign_jax.psa_users import level_user_ids, load_embedding
-from safealign_jax.schedulers import SAMPLER_NAMES
-from safealign_jax.trained import load_trained
+from safealign_jax.schedulers import SAMPLER_NAMES, pipeline_sampler
+from safealign_jax.trained import Trained, load_trained
 from safealign_jax.user_embedding import embedding_path
 
 SEEDINGS = ("per_prompt", "single_stream")
 SEED_COLUMN = "sd_seed"  # a prompt CSV's per-row seeds (I2P's column)
 # The negative prompt of the official PSA sampling (its base-model runs use none).
 PSA_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+# Our sampler names -> the names A1111 writes in its "parameters" text (PNDM is its PLMS).
+A1111_SAMPLERS = {"ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_ancestral": "Euler a",
+                  "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +64,7 @@ class GenerationSettings:
 
     steps: int = 50
     guidance: float = 7.5
+    guidance_rescale: float = 0.0
     sampler: str = "ddim"
     seed: int = 0
     use_file_seeds: bool = True
@@ -76,12 +83,14 @@ class GenerationSettings:
 
 @dataclasses.dataclass
 class Model:
-    """A base pipeline plus what a checkpoint adds: folded LoRA/delta params and a PSA adapter."""
+    """A base pipeline plus what a checkpoint adds: folded LoRA/delta params and a PSA adapter
+    (with `user_embedding` (E,), the one user of every image; else each row's user)."""
 
     pipe: Pipeline
     unet_params: dict | None = None
     adapter: tuple[dict, float] | None = None
     description: dict = dataclasses.field(default_factory=dict)
+    user_embedding: np.ndarray | None = None
 
 
 def describe_model(pipeline: str, checkpoint: str = "", step: int | None = None, dtype: str = "float32") -> dict:
@@ -104,12 +113,33 @@ def load_model(pipeline: str, checkpoint: str = "", step: int | None = None, dty
     pipe = load_pipeline(pipeline, dtype=jnp.dtype(dtype), attention=attention)
     if not checkpoint:
         return Model(pipe=pipe, description=description)
-    trained = load_trained(checkpoint, step)
+    return apply_trained(pipe, load_trained(checkpoint, step), description, checkpoint)
+
+
+def user_width(trained: Trained) -> int | None:
+    """The width E of the user embedding a run needs (PSA adapter, user-gated run); None: no user."""
+    if trained.gated is not None:
+        return int(trained.gated["gate"]["kernel"].shape[0])
+    if trained.adapter is not None:
+        return int(trained.adapter["proj"]["kernel"].shape[0])
+    return None
+
+
+def apply_trained(pipe: Pipeline, trained: Trained, description: dict, where: str,
+                  user_embedding: np.ndarray | None = None, adapter_scale: float | None = None) -> Model:
+    """`pipe` with what `trained` adds: its LoRA or delta folded into the UNet; a user-gated run
+    folded for `user_embedding` (E,); a PSA adapter at `adapter_scale` (None: the run's psa.scale),
+    with `user_embedding` as every image's user when given. `where` names the run in errors."""
+    if trained.gated is not None:
+        check(user_embedding is not None, f"{where} is a user-gated PSA run: give the user to fold it for.")
+        return Model(pipe, trained.folded_for_user(pipe.unet_params, user_embedding), description=description)
     unet_params = None
     if trained.lora is not None or trained.delta is not None:
-        unet_params = trained.folded(pipe.unet_params, checkpoint)
-    adapter = (trained.adapter, trained.adapter_scale) if trained.adapter is not None else None
-    return Model(pipe=pipe, unet_params=unet_params, adapter=adapter, description=description)
+        unet_params = trained.folded(pipe.unet_params, where)
+    if trained.adapter is None:
+        return Model(pipe, unet_params, description=description)
+    scale = trained.adapter_scale if adapter_scale is None else adapter_scale
+    return Model(pipe, unet_params, (trained.adapter, scale), description, user_embedding)
 
 
 def read_prompts(path: str) -> list[PromptRow]:
@@ -173,6 +203,36 @@ def _embeddings(users: Sequence[str | None], folder: str, embed_dim: int, cache:
     return np.stack([cache[u] for u in users])
 
 
+def model_name(description: dict) -> str:
+    """"<pipeline folder name>" or "<pipeline folder name> + <checkpoint folder name>"."""
+    name = os.path.basename(os.path.normpath(description["pipeline"]))
+    checkpoint = description.get("checkpoint")
+    return f"{name} + {os.path.basename(os.path.normpath(checkpoint))}" if checkpoint else name
+
+
+def png_text(prompt: str, seed: int, settings: GenerationSettings, sampler: str, model: str,
+             height: int, width: int) -> dict[str, str]:
+    """An image's PNG text chunks: prompt, negative_prompt, seed, steps, guidance, sampler, size,
+    model, and "parameters" as A1111 writes it (prompt / "Negative prompt: ..." / "Steps: 50,
+    Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: sd15"). `sampler`: the resolved
+    name (not "pipeline")."""
+    negative = f"\nNegative prompt: {settings.negative_prompt}" if settings.negative_prompt else ""
+    parameters = (f"{prompt}{negative}\nSteps: {settings.steps}, Sampler: {A1111_SAMPLERS.get(sampler, sampler)}, "
+                  f"CFG scale: {settings.guidance:g}, Seed: {seed}, Size: {width}x{height}, Model: {model}")
+    return {"prompt": prompt, "negative_prompt": settings.negative_prompt, "seed": str(seed),
+            "steps": str(settings.steps), "guidance": f"{settings.guidance:g}", "sampler": sampler,
+            "size": f"{width}x{height}", "model": model, "parameters": parameters}
+
+
+def missing_rows(rows: Sequence[PromptRow], folder: str, image_folder: str = "images") -> list[PromptRow]:
+    """The rows whose image is not yet in `folder/image_folder`."""
+    return [r for r in rows if not _has_image(r, folder, image_folder)]
+
+
+def _has_image(row: PromptRow, folder: str, image_folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, image_folder, image_name(row)))
+
+
 def run_record(description: dict, settings: GenerationSettings, embeddings: str = "") -> dict:
     """The content of a run folder's run.json."""
     return json.loads(json.dumps({"model": description, "settings": dataclasses.asdict(settings), "embeddings": embeddings}))
@@ -201,16 +261,23 @@ def generate_run(
     users: Sequence[str | None] | None = None,
     embeddings: str = "",
     progress: bool = True,
+    *,
+    image_folder: str = "images",
+    record: dict | None = None,
 ) -> int:
-    """Writes the missing images of `rows` into `folder` (see the module docstring); returns how
-    many were generated. `users`: one user id (or None) per row; needed for a PSA adapter."""
+    """Writes the missing images of `rows` into `folder/image_folder` (see the module docstring);
+    returns how many were generated. `users`: one user id (or None) per row; with a PSA adapter
+    each row's embedding is `embeddings/{user}.npy`, unless `model.user_embedding` is set.
+    `record`: fields added to (or replacing) every manifest record's."""
     settings.validate()
     users = list(users) if users is not None else [None] * len(rows)
     check(len(users) == len(rows), f"got {len(users)} users for {len(rows)} prompts.")
     check_run(folder, run_record(model.description, settings, embeddings))
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    todo = [(r, u) for r, u in zip(rows, users, strict=True)
-            if not os.path.exists(os.path.join(folder, "images", image_name(r)))]
+    images_dir = os.path.join(folder, image_folder)
+    os.makedirs(images_dir, exist_ok=True)
+    todo = [(r, u) for r, u in zip(rows, users, strict=True) if not _has_image(r, folder, image_folder)]
+    sampler = pipeline_sampler(model.pipe.scheduler) if settings.sampler == "pipeline" else settings.sampler
+    name = model_name(model.description)
     cache: dict = {}
     size = settings.batch_size
     with open(os.path.join(folder, "manifest.jsonl"), "a", encoding="utf-8") as manifest, \
@@ -220,22 +287,27 @@ def generate_run(
             padded = batch + [batch[-1]] * (size - len(batch))
             seeds = [image_seed(r, settings.seed, settings.use_file_seeds, settings.seeding) for r, _ in padded]
             extra = {}
-            if model.adapter is not None:
+            if model.adapter is not None and model.user_embedding is not None:
+                extra = {"adapter": model.adapter, "user_embeddings": np.tile(model.user_embedding[None], (size, 1))}
+            elif model.adapter is not None:
                 extra = {"adapter": model.adapter, "user_embeddings": _embeddings(
                     [u for _, u in padded], embeddings, model.adapter[0]["proj"]["kernel"].shape[0], cache)}
             images = generate(
                 model.pipe, [r.prompt for r, _ in padded], seeds,
                 negative_prompts=[settings.negative_prompt] * size,
                 num_steps=settings.steps, guidance=settings.guidance, sampler=settings.sampler,
+                guidance_rescale=settings.guidance_rescale,
                 height=settings.height or None, width=settings.width or None,
                 unet_params=model.unet_params, **extra,
             )
+            height, width = images.shape[1:3]
             for (row, user), seed, image in zip(batch, seeds, images, strict=False):
-                save_png(image, os.path.join(folder, "images", image_name(row)))
+                text = png_text(row.prompt, seed, settings, sampler, name, height, width)
+                save_png(image, os.path.join(images_dir, image_name(row)), text)
                 manifest.write(json.dumps({
                     "file": image_name(row), "row": row.index, "id": row.id, "prompt": row.prompt,
                     "seed": seed, "category": row.category, "categories": list(row.categories),
-                    "user": user,
+                    "user": user, "height": int(height), "width": int(width), **(record or {}),
                 }) + "\n")
             manifest.flush()
             bar.update(len(batch))

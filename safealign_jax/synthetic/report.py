@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from safealign_jax.images import contact_sheet, save_png
+from safealign_jax.images import labelled_grid, save_png
 
 # Safety targets of the recommended recipe (issue 16): IP, worst category, adherence drop, preservation.
 MAX_IP, MAX_CATEGORY_IP, MAX_ADHERENCE_DROP, MIN_PRESERVATION = 0.10, 0.20, 0.05, 0.90
@@ -190,9 +190,10 @@ def write(workdir: str, results: dict, world, harmful, grids: dict, psa_grids: d
     for category in categories:
         rows = [i for i, c in enumerate(harmful) if world.category_of(c.scene.object) == category][:4]
         tiles = [tile for i in rows for n in names for tile in _uint8(grids[n][i:i + 1])]
-        save_png(contact_sheet(tiles, columns=len(names)), os.path.join(out, f"methods_{category.replace(' ', '_').lower()}.png"))
+        save_png(labelled_grid(tiles, [harmful[i].text for i in rows], list(names)),
+                 os.path.join(out, f"methods_{category.replace(' ', '_').lower()}.png"))
     rows = list(range(len(harmful)))[:: max(1, len(harmful) // 12)][:12]
     levels = sorted(psa_grids)
     tiles = [tile for i in rows for n in ["base", *levels]
              for tile in _uint8((grids["base"] if n == "base" else psa_grids[n])[i:i + 1])]
-    save_png(contact_sheet(tiles, columns=len(levels) + 1), os.path.join(out, "psa_levels.png"))
+    save_png(labelled_grid(tiles, [harmful[i].text for i in rows], ["base", *map(str, levels)]), os.path.join(out, "psa_levels.png"))
