@@ -130,6 +130,18 @@ def _flat_attn(adapter_tree: dict) -> dict[tuple[str, ...], dict]:
     return out
 
 
+def _check_keys(path: str, tensors: dict, expected: dict[str, tuple], what: str) -> None:
+    """UserError naming the missing, unexpected and mis-shaped keys of `tensors` against
+    `expected` {key: shape} (`what`: the file kind the message names)."""
+    missing = sorted(set(expected) - set(tensors))
+    foreign = sorted(set(tensors) - set(expected))
+    mismatched = [f"{k} has shape {tuple(tensors[k].shape)}, expected {expected[k]}"
+                  for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != expected[k]]
+    problems = key_problems(missing, foreign, mismatched, "key")
+    if problems:
+        raise UserError(f"{path}: not {what} for this UNet: " + "; ".join(problems) + ".")
+
+
 def load_ip_adapter(path: str, unet_params: dict) -> dict:
     """Reads a diffusers IP-Adapter (ImageProjection) safetensors file as a PSA adapter tree
     (its lambda: `read_adapter_scale(path)`).
@@ -151,13 +163,7 @@ def load_ip_adapter(path: str, unet_params: dict) -> dict:
     for p, key_id in keys.items():
         for name in ("to_k_ip", "to_v_ip"):
             expected[f"ip_adapter.{key_id}.{name}.weight"] = shapes[p][::-1]
-    missing = sorted(set(expected) - set(tensors))
-    foreign = sorted(set(tensors) - set(expected))
-    mismatched = [f"{k} has shape {tuple(tensors[k].shape)}, expected {expected[k]}"
-                  for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != expected[k]]
-    problems = key_problems(missing, foreign, mismatched, "key")
-    if problems:
-        raise UserError(f"{path}: not an IP-Adapter for this UNet: " + "; ".join(problems) + ".")
+    _check_keys(path, tensors, expected, "an IP-Adapter")
     try:
         n = int(metadata.get(TOKENS_KEY, DIFFUSERS_TOKENS))
     except ValueError:
@@ -281,13 +287,7 @@ def load_psalign_adapter(path: str, unet_params: dict, allow_pickle: bool = Fals
     check(proj.shape[0] % d == 0, f"{path}: user_proj.proj.weight has {proj.shape[0]} outputs, "
                                   f"not a multiple of the UNet's cross-attention width {d}.")
     expected = _psalign_shapes(unet_params, proj.shape[1], proj.shape[0])
-    missing = sorted(set(expected) - set(tensors))
-    foreign = sorted(set(tensors) - set(expected))
-    mismatched = [f"{k} has shape {tuple(tensors[k].shape)}, expected {expected[k]}"
-                  for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != expected[k]]
-    problems = key_problems(missing, foreign, mismatched, "key")
-    if problems:
-        raise UserError(f"{path}: not a PSAlign adapter for this UNet: " + "; ".join(problems) + ".")
+    _check_keys(path, tensors, expected, "a PSAlign adapter")
     flat = {}
     for tree_path, key in psalign_names(unet_params).items():
         value = tensors[key]

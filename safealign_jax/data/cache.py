@@ -324,6 +324,7 @@ class CachedPairs:
                                            image_size=None, flip=flip, num_threads=num_threads)
         self._iter = iter(self._dataset)
         self.index = 0
+        self._last_ids: list[str] = []
 
     def __iter__(self):
         return self
