@@ -13,8 +13,8 @@ no second copy of the weights exists. `diffusion_dpo_loss` is the one definition
 trainer differentiates, w.r.t. the trainable tree only:
 
     def loss_fn(lora_tree):
-        trainable = {"lora": lora.variables(lora_tree, cfg.scale)}
-        return diffusion_dpo_loss(module.apply, params, trainable, batch, schedule, key, beta)
+        collections = Trainable({"lora": lora_tree}, {"lora": cfg.scale}).collections()
+        return diffusion_dpo_loss(module.apply, params, collections, batch, schedule, key, beta)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora_tree)
 

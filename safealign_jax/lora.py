@@ -5,9 +5,10 @@ holds P/a (in, r) and P/b (r, out), float32. The adapted layer computes
 
     y = x W + s (x a) b,    s = alpha / r,
 
-inside `safealign_jax.models.layers.Dense`, from the "lora" collection built by `variables`:
+inside `safealign_jax.models.layers.Dense`, from the "lora" collection that
+`safealign_jax.trainable.Trainable` builds (s folded into every b):
 
-    module.apply({"params": params, "lora": lora.variables(tree, cfg.scale)}, ...)
+    module.apply({"params": params, **Trainable({"lora": tree}, {"lora": cfg.scale}).collections()}, ...)
 
 so a training step differentiates only the small a and b and never materialises a full-size
 weight gradient; leaving the collection out runs the base model (the DPO reference). `fold`
@@ -172,14 +173,6 @@ def from_delta(key: jax.Array, params, config: LoRAConfig, delta_tree: dict) -> 
         tree[(*module, "a")] = tree[(*module, "a")].at[:, used].set(jnp.asarray(a[:, used] / root_scale, jnp.float32))
         tree[(*module, "b")] = tree[(*module, "b")].at[used].set(jnp.asarray(b[used] / root_scale, jnp.float32))
     return traverse_util.unflatten_dict(tree)
-
-
-def variables(lora_tree: dict, scale: float) -> dict:
-    """The "lora" collection for `module.apply`: the tree with `scale` folded into every b."""
-    flat = traverse_util.flatten_dict(lora_tree)
-    return traverse_util.unflatten_dict(
-        {path: leaf * scale if path[-1] == "b" else leaf for path, leaf in flat.items()}
-    )
 
 
 def delta(lora_tree: dict, scale: float) -> dict:

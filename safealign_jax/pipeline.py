@@ -6,7 +6,7 @@
 The whole denoising loop (classifier-free guidance, sampler steps) is one compiled
 `lax.fori_loop`. Each image's initial noise and sampler noise come from its own seed, so an image
 is the same whatever else is in the batch. Hooks: `lora` (a "lora" collection from
-`safealign_jax.lora.variables`, or pass folded params), `adapter` + `user_embeddings` (PSA: the
+`safealign_jax.trainable.Trainable.collections`, or pass folded params), `adapter` + `user_embeddings` (PSA: the
 unconditional branch uses the negative prompt and the projection of a zero embedding).
 """
 
@@ -183,7 +183,7 @@ def generate(
       height, width: image size in pixels (default: the UNet's sample_size x VAE factor).
       latents: (B, h, w, C) initial N(0, I) latents instead of the seeded ones.
       unet_params: replaces the pipeline's UNet params (e.g. a folded LoRA or merged model).
-      lora: a "lora" collection (`safealign_jax.lora.variables(tree, scale)`).
+      lora: a "lora" collection (`Trainable({"lora": tree}, {"lora": scale}).collections()["lora"]`).
       adapter: (PSA adapter tree, lambda) with `user_embeddings` (B, E).
       original_size, crop_coords, target_size: SDXL micro-conditioning (pixels).
     Returns:

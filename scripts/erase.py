@@ -18,6 +18,7 @@ from flax.traverse_util import flatten_dict
 from safealign_jax import cli, erase, merge
 from safealign_jax.errors import check
 from safealign_jax.models.resolve import resolve_model
+from safealign_jax.trainable import Trainable
 from safealign_jax.trained import save_trained
 
 CONFIG = cli.define_flags()
@@ -63,10 +64,9 @@ def main(config, workdir):
     errors = {}
     if config.output.form == "svd":
         tree, errors = merge.to_lora(delta, config.output.rank)
-        trainable = {"lora": tree}
-        run_config["lora"] = {"rank": config.output.rank, "alpha": float(config.output.rank)}
+        trainable = Trainable({"lora": tree})
     else:
-        trainable = {"delta": delta}
+        trainable = Trainable({"delta": delta})
     folder = save_trained(workdir, trainable, run_config, base_model)
     layers = {"/".join(path[:-1]): erase.delta_norm(value) for path, value in sorted(flatten_dict(delta).items())}
     summary = {"checkpoint": folder, "form": config.output.form, "edits": len(edits), "preserved": len(preserved),

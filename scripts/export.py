@@ -77,7 +77,7 @@ def main(config, workdir):
     if config.format == "gated":
         summary = save_gated(workdir, run.gated, list(run.categories), dtype=dtype)
     elif config.format in ("peft", "kohya"):
-        rank, alpha = run.config["lora"]["rank"], run.config["lora"]["alpha"]
+        rank, alpha = run.trainable.lora_rank_alpha()
         path = os.path.join(workdir, "lora.safetensors")
         if config.format == "peft":
             summary = save_peft_lora(path, run.lora, rank, alpha, dtype=dtype)

@@ -20,6 +20,7 @@ import time
 from safealign_jax import cli, merge
 from safealign_jax.errors import check
 from safealign_jax.models.resolve import resolve_model
+from safealign_jax.trainable import Trainable
 from safealign_jax.trained import save_trained
 
 CONFIG = cli.define_flags()
@@ -64,10 +65,9 @@ def main(config, workdir):
         start = time.perf_counter()
         tree, errors = merge.to_lora(merged.delta, config.output.rank)
         timings["svd_s"] = time.perf_counter() - start
-        trainable = {"lora": tree}
-        run_config["lora"] = {"rank": config.output.rank, "alpha": float(config.output.rank)}
+        trainable = Trainable({"lora": tree})
     else:
-        trainable = {"delta": merged.delta}
+        trainable = Trainable({"delta": merged.delta})
     folder = save_trained(workdir, trainable, run_config, trained[0].base_model)
     summary = merge.summarize(config, names, merged, errors, timings, folder)
     with open(os.path.join(workdir, "merge_summary.json"), "w") as f:

@@ -10,6 +10,7 @@ from flax import traverse_util
 
 from safealign_jax import UserError, dpo, lora
 from safealign_jax.schedulers import ddpm_schedule, scheduler_config_from_dict
+from safealign_jax.trainable import Trainable
 
 BETA = 5000.0
 
@@ -219,7 +220,7 @@ def unet_dpo(tiny_unet):
     }
 
     def loss_fn(tree, params, key):
-        trainable = {"lora": lora.variables(tree, config.scale)}
+        trainable = Trainable({"lora": tree}, {"lora": config.scale}).collections()
         return dpo.diffusion_dpo_loss(module.apply, params, trainable, batch, sd_schedule("epsilon"), key, BETA)
 
     return loss_fn, jax.jit(jax.value_and_grad(loss_fn, has_aux=True)), tree, params

@@ -18,6 +18,7 @@ from safealign_jax import UserError, adapter, lora
 from safealign_jax.convert import adapter_files, lora_files, unet_files
 from safealign_jax.convert.checkpoint import read_config
 from safealign_jax.models import load_unet
+from safealign_jax.trainable import Trainable
 
 RANK, ALPHA, EMBED = 4, 8.0, 24
 CROSS = {"sd": 32, "sdxl": 64}
@@ -86,7 +87,7 @@ def test_lora_file_loads_in_diffusers(bases, tmp_path, family, fmt):
     assert summary["scale"] == ALPHA / RANK and summary["rank"] == RANK
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.load_lora_weights(path)
-    ours = jax_predict(module, {"params": params, "lora": lora.variables(tree, ALPHA / RANK)}, inputs)
+    ours = jax_predict(module, {"params": params, **Trainable({"lora": tree}, {"lora": ALPHA / RANK}).collections()}, inputs)
     err = relative_error(ours, torch_predict(pipe.unet, inputs))
     print(f"{family} {fmt} lora: relative max abs error {err:.2e}")
     assert err <= 1e-4
@@ -138,7 +139,7 @@ def test_folded_unet_and_pipeline_folders(bases, tmp_path):
     out = tmp_path / "unet"
     unet_files.save_unet_folder(str(out), read_config(f"{folder}/unet"), folded)
     unet_files.save_unet_folder(str(out), read_config(f"{folder}/unet"), folded)  # replaces atomically
-    ours = jax_predict(module, {"params": params, "lora": lora.variables(tree, ALPHA / RANK)}, inputs)
+    ours = jax_predict(module, {"params": params, **Trainable({"lora": tree}, {"lora": ALPHA / RANK}).collections()}, inputs)
     err = relative_error(ours, torch_predict(TorchUNet.from_pretrained(str(out)), inputs))
     print(f"folded unet: relative max abs error {err:.2e}")
     assert err <= 1e-4

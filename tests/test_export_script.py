@@ -11,10 +11,10 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from flax import traverse_util
 from torch_reference import nchw, nhwc, relative_error
 
-from safealign_jax import lora
 from safealign_jax.convert.lora_files import load_lora_file
 from safealign_jax.models import load_unet
 from safealign_jax.train.checkpoint import read_trainable
+from safealign_jax.trainable import Trainable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_folded_unet_loads_in_diffusers(run, tiny_unet_dir, tmp_path):
     t = np.array([321])
     context = rng.standard_normal((1, 8, 32), np.float32)
     scale = trained["config"]["lora"]["alpha"] / trained["config"]["lora"]["rank"]
-    ours = np.asarray(module.apply({"params": params, "lora": lora.variables(trained["trainable"]["lora"], scale)}, x, t, context))
+    ours = np.asarray(module.apply({"params": params, **Trainable({"lora": trained["trainable"]["lora"]}, {"lora": scale}).collections()}, x, t, context))
     base = np.asarray(module.apply({"params": params}, x, t, context))
     assert relative_error(ours, base) > 1e-4  # the trained LoRA changes the model
     with torch.no_grad():

@@ -11,6 +11,7 @@ from torch_reference import nchw, nhwc, relative_error
 
 from safealign_jax import UserError, lora
 from safealign_jax.models.layers import Dense
+from safealign_jax.trainable import Trainable
 
 ATTENTION_PROJECTIONS = {"to_q", "to_k", "to_v", "to_out_0"}
 # The tiny SD1 UNet (conftest.TINY_SD1) has 4 transformer blocks of 2 attentions each.
@@ -126,7 +127,7 @@ def test_variables_and_delta():
     rng = np.random.default_rng(0)
     tree = {"blk": {"to_q": {"a": rng.standard_normal((5, 2)), "b": rng.standard_normal((2, 3))}}}
     leaf = tree["blk"]["to_q"]
-    variables = lora.variables(tree, 2.5)
+    variables = Trainable({"lora": tree}, {"lora": 2.5}).collections()["lora"]
     np.testing.assert_array_equal(variables["blk"]["to_q"]["a"], leaf["a"])
     np.testing.assert_allclose(variables["blk"]["to_q"]["b"], 2.5 * leaf["b"], rtol=1e-6)
     delta = lora.delta(tree, 2.5)
@@ -142,7 +143,7 @@ def test_lora_apply_equals_fold(tiny_unet, apply):
     before = jax.tree_util.tree_map(np.array, params)
     inputs = _inputs()
     base = np.asarray(apply(module, {"params": params}, *inputs))
-    adapted = np.asarray(apply(module, {"params": params, "lora": lora.variables(tree, config.scale)}, *inputs))
+    adapted = np.asarray(apply(module, {"params": params, **Trainable({"lora": tree}, {"lora": config.scale}).collections()}, *inputs))
     folded = np.asarray(apply(module, {"params": lora.fold(params, tree, config.scale)}, *inputs))
     change, err = relative_error(adapted, base), relative_error(folded, adapted)
     print(f"LoRA changes the UNet output by {change:.2e} (relative); fold vs apply {err:.2e}")
@@ -166,7 +167,7 @@ def test_dense_reads_lora_and_delta():
     assert lora.targets(params) == ["to_q"]
     tree = _random_b(lora.init(jax.random.key(1), params, lora.LoRAConfig(rank=2)))
     base = model.apply({"params": params}, x)
-    adapted = model.apply({"params": params, "lora": lora.variables(tree, 0.5)}, x)
+    adapted = model.apply({"params": params, **Trainable({"lora": tree}, {"lora": 0.5}).collections()}, x)
     as_delta = model.apply({"params": params, "lora": lora.delta(tree, 0.5)}, x)
     folded = model.apply({"params": lora.fold(params, tree, 0.5)}, x)
     assert relative_error(adapted, base) > 1e-2
@@ -214,7 +215,7 @@ def test_parity_with_peft(tiny_unet, tiny_unet_dir, apply):
             weight.copy_(torch.from_numpy(np.asarray(leaf).T.copy()))
         x, t, context = _inputs()
         reference = nhwc(torch_model(nchw(x), torch.from_numpy(t), torch.from_numpy(context)).sample)
-    ours = apply(module, {"params": params, "lora": lora.variables(tree, config.scale)}, x, t, context)
+    ours = apply(module, {"params": params, **Trainable({"lora": tree}, {"lora": config.scale}).collections()}, x, t, context)
     err = relative_error(ours, reference)
     print(f"LoRA vs peft: relative max abs error {err:.2e}")
     assert err <= 1e-4

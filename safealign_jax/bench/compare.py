@@ -186,9 +186,10 @@ class JaxTrain:
         timesteps it drew to workdir/parity.npz for the torch side."""
         import jax
 
-        from safealign_jax import dpo, lora
+        from safealign_jax import dpo
         from safealign_jax.models import load_unet
         from safealign_jax.train.objective import training_schedule
+        from safealign_jax.trainable import Trainable
 
         module, params = load_unet(tc.model.path)
         module = module.clone(attention=tc.model.attention)
@@ -196,7 +197,7 @@ class JaxTrain:
         key = jax.random.key(self.config.seed + 1)
 
         def loss(tree, params, batch):
-            return dpo.diffusion_dpo_loss(module.apply, params, {"lora": lora.variables(tree, 1.0)}, batch,
+            return dpo.diffusion_dpo_loss(module.apply, params, Trainable({"lora": tree}).collections(), batch,
                                           schedule, key, self.config.parity_beta)
 
         with jax.default_matmul_precision("highest"):

@@ -242,7 +242,7 @@ def load_lora_file(path: str, params: dict, allow_pickle: bool = False) -> tuple
     """Reads a PEFT / diffusers, old-diffusers or kohya UNet LoRA file for the UNet `params`.
 
     Returns (lora_tree, rank, alpha) with a (in, r), b (r, out) float32 such that
-    `lora.variables(tree, alpha / rank)` reproduces the file. rank and alpha are the most common
+    `Trainable({"lora": tree}, {"lora": alpha / rank})` reproduces the file. rank and alpha are the most common
     per-layer values; a layer with another scale alpha_i / r_i has its b rescaled to match.
     Raises:
       UserError naming foreign keys (not a LoRA of a Dense layer of `params`), layers with a

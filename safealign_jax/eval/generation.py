@@ -118,11 +118,7 @@ def load_model(pipeline: str, checkpoint: str = "", step: int | None = None, dty
 
 def user_width(trained: Trained) -> int | None:
     """The width E of the user embedding a run needs (PSA adapter, user-gated run); None: no user."""
-    if trained.gated is not None:
-        return int(trained.gated["gate"]["kernel"].shape[0])
-    if trained.adapter is not None:
-        return int(trained.adapter["proj"]["kernel"].shape[0])
-    return None
+    return trained.trainable.user_width
 
 
 def apply_trained(pipe: Pipeline, trained: Trained, description: dict, where: str,
@@ -130,16 +126,15 @@ def apply_trained(pipe: Pipeline, trained: Trained, description: dict, where: st
     """`pipe` with what `trained` adds: its LoRA or delta folded into the UNet; a user-gated run
     folded for `user_embedding` (E,); a PSA adapter at `adapter_scale` (None: the run's psa.scale),
     with `user_embedding` as every image's user when given. `where` names the run in errors."""
-    if trained.gated is not None:
-        check(user_embedding is not None, f"{where} is a user-gated PSA run: give the user to fold it for.")
-        return Model(pipe, trained.folded_for_user(pipe.unet_params, user_embedding), description=description)
-    unet_params = None
-    if trained.lora is not None or trained.delta is not None:
-        unet_params = trained.folded(pipe.unet_params, where)
-    if trained.adapter is None:
+    run = trained.trainable
+    check("gated" not in run.tree or user_embedding is not None,
+          f"{where} is a user-gated PSA run: give the user to fold it for.")
+    foldable = set(run.tree) - {"adapter"}
+    unet_params = run.folded(pipe.unet_params, user_embedding, where) if foldable else None
+    if "adapter" not in run.tree:
         return Model(pipe, unet_params, description=description)
-    scale = trained.adapter_scale if adapter_scale is None else adapter_scale
-    return Model(pipe, unet_params, (trained.adapter, scale), description, user_embedding)
+    scale = run.scale("adapter") if adapter_scale is None else adapter_scale
+    return Model(pipe, unet_params, (run.tree["adapter"], scale), description, user_embedding)
 
 
 def read_prompts(path: str) -> list[PromptRow]:

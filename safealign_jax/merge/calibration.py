@@ -29,6 +29,7 @@ from safealign_jax.merge.trees import check_compatible
 from safealign_jax.models.embeddings import sdxl_time_ids
 from safealign_jax.models.layers import CALIBRATION
 from safealign_jax.schedulers import DDPMSchedule, add_noise
+from safealign_jax.trainable import expert
 
 STATISTICS = ("mean_abs", "rms")
 LATENTS = ("noised", "noise")
@@ -81,10 +82,7 @@ def calibrate(apply: Callable, params: dict, trees: Sequence[dict], scales: Sequ
 
     @jax.jit
     def run(params, tree, scale, stacked):
-        flat = traverse_util.flatten_dict(tree)
-        is_lora = any(p[-1] == "a" for p in flat)
-        collection = traverse_util.unflatten_dict(
-            {p: v * scale if (p[-1] == "b" or not is_lora) else v for p, v in flat.items()})
+        collection = expert(tree, scale).collections()["lora"]
         first = jax.tree.map(lambda x: x[0], stacked)
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, params, collection, first))
 

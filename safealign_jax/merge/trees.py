@@ -9,12 +9,11 @@ of Flax module names, and returns a delta tree {P: {"delta": (in, out)}} of the 
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from safealign_jax import lora
 from safealign_jax.errors import UserError
+from safealign_jax.trainable import expert
 
 Layer = tuple[str, ...]
 # The layers that read only the text states: every cross-attention's key and value (kernel (D, out)).
@@ -73,11 +72,7 @@ def expert_deltas(trees: Sequence[dict], scales: Sequence[float] | None = None,
         raise UserError(f"{len(scales)} scales given for {len(trees)} experts.")
     out = []
     for tree, scale in zip(trees, scales, strict=True):
-        leaves = traverse_util.flatten_dict(tree)
-        if any(path[-1] == "a" for path in leaves):
-            dense = traverse_util.flatten_dict(lora.delta(tree, float(scale)))
-        else:
-            dense = {path: float(scale) * jnp.asarray(leaf, jnp.float32) for path, leaf in leaves.items()}
+        dense = traverse_util.flatten_dict(expert(tree, float(scale)).delta())
         out.append({path[:-1]: leaf for path, leaf in sorted(dense.items())})
     return out
 

@@ -32,6 +32,7 @@ from safealign_jax.synthetic.metrics import PromptCase
 from safealign_jax.synthetic.oracle import Oracle, validate
 from safealign_jax.synthetic.users import make_users
 from safealign_jax.synthetic.world import IMAGE_SIZE, Scene, World, evaluation_templates, prompt
+from safealign_jax.trainable import Trainable
 from safealign_jax.trained import load_trained, save_trained
 
 
@@ -488,7 +489,7 @@ def export(config, workdir, folder, merged: dict, checked: str, psa, params) -> 
         trees[name], errors = merge.to_lora(delta, rank)
         run_dir = os.path.join(workdir, "merged", name)
         if not os.path.isdir(run_dir):
-            save_trained(run_dir, {"lora": trees[name]}, {"lora": {"rank": rank, "alpha": float(rank)}}, psa.base_model)
+            save_trained(run_dir, Trainable({"lora": trees[name]}), {}, psa.base_model)
         lora_file = os.path.join(out, f"{name}_lora.safetensors")
         save_peft_lora(lora_file, trees[name], rank, float(rank))
         result[name] = {"lora": lora_file, "svd_relative_error_mean": float(np.mean(list(errors.values()))),

@@ -13,8 +13,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from safealign_jax import adapter as user_adapter
-from safealign_jax import lora
+from safealign_jax.trainable import Trainable
 
 
 def compare_with_diffusers(folder: str, params: dict, tree: dict, rank: int, psa, lora_file: str,
@@ -44,7 +43,7 @@ def compare_with_diffusers(folder: str, params: dict, tree: dict, rank: int, psa
 
     unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"))
     unet.load_lora_adapter(lora_file, prefix="unet", adapter_name="comerge")
-    ours = np.asarray(module.apply({"params": params, "lora": lora.variables(tree, 1.0)}, x, t, context))
+    ours = np.asarray(module.apply({"params": params, **Trainable({"lora": tree}).collections()}, x, t, context))
     lora_error = relative(ours, torch_out(unet))
 
     unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"))
@@ -53,8 +52,8 @@ def compare_with_diffusers(folder: str, params: dict, tree: dict, rank: int, psa
              "ip_adapter": {k[len("ip_adapter."):]: torch.from_numpy(v) for k, v in flat.items() if k.startswith("ip_adapter.")}}
     unet._load_ip_adapter_weights([state])
     theirs = torch_out(unet, added_cond_kwargs={"image_embeds": [torch.from_numpy(embeds)[:, None]]})
-    tokens = user_adapter.user_tokens(psa.adapter, jnp.asarray(embeds))
-    ours = np.asarray(module.apply({"params": params, "adapter": user_adapter.variables(psa.adapter, 1.0)}, x, t, context,
-                                   user_tokens=tokens))
+    user = Trainable({"adapter": psa.adapter})
+    ours = np.asarray(module.apply({"params": params, **user.collections()}, x, t, context,
+                                   user_tokens=user.user_tokens(jnp.asarray(embeds))))
     return {"lora_relative_error": lora_error, "ip_adapter_relative_error": relative(ours, theirs),
             "rank": rank, "tolerance": 1e-4}

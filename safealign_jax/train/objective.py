@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safealign_jax import adapter, dpo, gated, lora
+from safealign_jax import dpo
 from safealign_jax.errors import UserError
 from safealign_jax.schedulers import DDPMSchedule, ddpm_schedule, scheduler_config_from_dict
+from safealign_jax.trainable import Trainable
 
 # Stable Diffusion's training schedule, used when the model folder has no scheduler config.
 SD_SCHEDULE = {"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear",
@@ -50,23 +51,19 @@ def _user_embeddings(batch: dict, width: int) -> jax.Array:
 def policy_collections(trainable: dict, batch: dict, lora_scale: float,
                        adapter_scale: float, train_gated_experts: bool = True) -> tuple[dict, dict]:
     """(extra UNet collections of the policy, batch with "user_tokens" (B, N, D) in place of
-    "user_embedding" (B, E)) for `trainable` = {"lora"?, "adapter"?} or {"gated"}."""
-    collections = {}
-    if "lora" in trainable:
-        collections["lora"] = lora.variables(trainable["lora"], lora_scale)
-    if "gated" in trainable:
+    "user_embedding" (B, E)) for `trainable` = {"lora"?, "adapter"?} or {"gated"}
+    (`Trainable.collections` / `user_tokens`)."""
+    if "gated" in trainable and not train_gated_experts:
         tree = trainable["gated"]
-        if not train_gated_experts:
-            tree = {**tree, "experts": jax.lax.stop_gradient(tree["experts"])}
-        embeddings = _user_embeddings(batch, tree["gate"]["kernel"].shape[0])
-        collections["lora"] = gated.variables(tree, embeddings)
+        trainable = {**trainable, "gated": {**tree, "experts": jax.lax.stop_gradient(tree["experts"])}}
+    run = Trainable(trainable, {"lora": lora_scale, "adapter": adapter_scale})
+    width = run.user_width
+    embeddings = None if width is None else _user_embeddings(batch, width)
+    collections = run.collections(embeddings)
+    if embeddings is not None:
         batch = {k: v for k, v in batch.items() if k != "user_embedding"}
-    if "adapter" in trainable:
-        tree = trainable["adapter"]
-        embeddings = _user_embeddings(batch, tree["proj"]["kernel"].shape[0])
-        collections["adapter"] = adapter.variables(tree, adapter_scale)
-        batch = {k: v for k, v in batch.items() if k != "user_embedding"}
-        batch["user_tokens"] = adapter.user_tokens(tree, embeddings)
+        if "adapter" in trainable:
+            batch["user_tokens"] = run.user_tokens(embeddings)
     return collections, batch
 
 

@@ -9,10 +9,10 @@ import os
 
 import jax
 
-from safealign_jax import lora
 from safealign_jax.errors import UserError
 from safealign_jax.images import contact_sheet, save_png, to_uint8
 from safealign_jax.pipeline import generate, load_pipeline
+from safealign_jax.trainable import Trainable
 
 
 def pipeline_folder(model_path: str) -> str | None:
@@ -54,6 +54,6 @@ class SampleGrids:
             return
         images = generate(
             self.pipe, self.prompts, list(range(len(self.prompts))), num_steps=self.steps,
-            guidance=self.guidance, unet_params=params, lora=lora.variables(trainable["lora"], scale),
+            guidance=self.guidance, unet_params=params, lora=Trainable({"lora": trainable["lora"]}, {"lora": scale}).collections()["lora"],
         )
         save_png(contact_sheet([to_uint8(i) for i in images]), os.path.join(self.folder, f"step_{step:06d}.png"))
