@@ -40,7 +40,7 @@ def memory(config, workdir: str) -> dict:
 
     tc = base_train_config(config.preset)
     tc.train.pairs_per_device = config.memory_pairs_per_device
-    tc.model.attention = config.attention
+    tc.model.attention, tc.model.remat_policy = config.attention, config.remat_policy
     tc.data.resolution, tc.data.seq_len = config.resolution, config.seq_len
     result = compiled_memory(tc, UNetConfig.from_diffusers(config.unet.to_dict(), "configs/benchmark.py"))
     with open(os.path.join(workdir, "memory.json"), "w") as f:

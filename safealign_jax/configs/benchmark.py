@@ -60,7 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pairs = 2  # preference pairs per step (both sides, one device)
 
     c.compute_dtype = "float32"  # float32 | bfloat16 (JAX module dtype; torch autocast on GPU)
-    c.remat_policy = "none"  # none | full | dots | dots_no_batch (torch: gradient checkpointing if not none)
+    # none | full | dots | dots_no_batch (per UNet block) | full_per_layer | dots_per_layer |
+    # dots_no_batch_per_layer (per ResnetBlock2D / BasicTransformerBlock; models/remat.py);
+    # torch: gradient checkpointing if not none. mode=memory compiles with this policy too.
+    c.remat_policy = "none"
     c.attention = "auto"  # auto | xla | chunked | cudnn | pallas (safealign_jax.models.attention)
     c.lora_rank = 4  # alpha = rank; targets to_q, to_k, to_v, to_out.0
     c.beta = 5000.0

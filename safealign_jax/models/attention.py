@@ -30,6 +30,7 @@ from flax import linen as nn
 
 from safealign_jax.errors import UserError
 from safealign_jax.models.layers import Dense, Dtype, conv, group_norm, layer_norm
+from safealign_jax.models.remat import remat
 
 ADAPTER = "adapter"
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "pallas")
@@ -263,6 +264,7 @@ class Transformer2DModel(nn.Module):
       num_layers: transformer blocks; use_linear_projection: proj_in/out Linear (SD2, SDXL)
       instead of 1x1 Conv (SD1); norm_groups: GroupNorm groups (eps 1e-6 as in diffusers).
       attention: one of IMPLEMENTATIONS.
+      layer_remat: checkpoint policy of each BasicTransformerBlock (a key of remat.REMAT_POLICIES).
     """
 
     heads: int
@@ -274,6 +276,7 @@ class Transformer2DModel(nn.Module):
     attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    layer_remat: str = "none"
 
     @nn.compact
     def __call__(self, x, context, user_tokens=None):
@@ -287,7 +290,7 @@ class Transformer2DModel(nn.Module):
         else:
             x = conv(inner, 1, name="proj_in", **kw)(x).reshape(b, h * w, inner)
         for i in range(self.num_layers):
-            x = BasicTransformerBlock(
+            x = remat(BasicTransformerBlock, self.layer_remat)(
                 inner, self.heads, self.dim_head, self.upcast, self.attention,
                 name=f"transformer_blocks_{i}", **kw
             )(x, context, user_tokens)

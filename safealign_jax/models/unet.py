@@ -14,7 +14,8 @@ from flax import linen as nn
 from safealign_jax.errors import UserError
 from safealign_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from safealign_jax.models.layers import Dtype, conv, group_norm
-from safealign_jax.models.unet_blocks import REMAT_POLICIES, DownBlock, MidBlock, UpBlock
+from safealign_jax.models.remat import remat, split
+from safealign_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
 from safealign_jax.models.unet_config import UNetConfig
 
 
@@ -22,9 +23,11 @@ class UNet2DConditionModel(nn.Module):
     """Attributes:
     config: the structure (from the checkpoint's config.json).
     dtype: compute dtype; param_dtype: parameter storage dtype.
-    remat_policy: rematerialisation of each block in the backward pass: "none", "full",
-      "dots" or "dots_no_batch" (see `REMAT_POLICIES`). No policy saves attention scores: the
-      "chunked" path rematerialises them per query block, the fused kernels never keep them.
+    remat_policy: rematerialisation in the backward pass, one of `remat.UNET_REMAT_POLICIES`:
+      "none"; "full", "dots", "dots_no_batch" per UNet block; "full_per_layer", "dots_per_layer",
+      "dots_no_batch_per_layer" per ResnetBlock2D / BasicTransformerBlock (see models/remat.py).
+      No policy saves attention scores: the "chunked" path rematerialises them per query block,
+      the fused kernels never keep them.
     attention: the attention implementation, one of `attention.IMPLEMENTATIONS` ("auto":
       cuDNN / Pallas flash where they apply, else the query-chunked path).
     """
@@ -34,15 +37,6 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     attention: str = "auto"
-
-    def _block(self, cls):
-        if self.remat_policy not in REMAT_POLICIES:
-            raise UserError(
-                f"remat_policy={self.remat_policy!r} is unknown (expected one of {list(REMAT_POLICIES)})."
-            )
-        if self.remat_policy == "none":
-            return cls
-        return nn.remat(cls, policy=REMAT_POLICIES[self.remat_policy])
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond=None, user_tokens=None):
@@ -70,6 +64,7 @@ class UNet2DConditionModel(nn.Module):
             add = jnp.concatenate([added_cond["text_embeds"].astype(jnp.float32), time_embeds], axis=-1)
             temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(add.astype(self.dtype))
 
+        block_remat, layer_remat = split(self.remat_policy)
         context = encoder_hidden_states.astype(self.dtype)
         x = conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(sample.astype(self.dtype))
         block_kw = dict(
@@ -79,13 +74,14 @@ class UNet2DConditionModel(nn.Module):
             eps=cfg.norm_eps,
             attention=self.attention,
             output_scale_factor=cfg.resnet_out_scale_factor,
+            layer_remat=layer_remat,
             **kw,
         )
 
         skips = [x]
         n = len(cfg.block_out_channels)
         for i, block_type in enumerate(cfg.down_block_types):
-            x, block_skips = self._block(DownBlock)(
+            x, block_skips = remat(DownBlock, block_remat)(
                 out_channels=cfg.block_out_channels[i],
                 num_layers=cfg.layers_per_block[i],
                 has_attention=block_type == "CrossAttnDownBlock2D",
@@ -97,7 +93,7 @@ class UNet2DConditionModel(nn.Module):
             )(x, temb, context, user_tokens)
             skips.extend(block_skips)
 
-        x = self._block(MidBlock)(
+        x = remat(MidBlock, block_remat)(
             out_channels=cfg.block_out_channels[-1],
             num_layers=1,
             has_attention=True,
@@ -111,7 +107,7 @@ class UNet2DConditionModel(nn.Module):
             level = n - 1 - i
             num_layers = cfg.layers_per_block[level] + 1
             block_skips, skips = tuple(skips[-num_layers:]), skips[:-num_layers]
-            x = self._block(UpBlock)(
+            x = remat(UpBlock, block_remat)(
                 out_channels=cfg.block_out_channels[level],
                 num_layers=num_layers,
                 has_attention=block_type == "CrossAttnUpBlock2D",

@@ -5,17 +5,18 @@ and after the downsampler; each up block consumes as many skips as it has resnet
 Shapes: hidden (B, H, W, C), temb (B, T), context (B, S, D), user_tokens (B, N, D) or None.
 """
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from safealign_jax.models.attention import Transformer2DModel
 from safealign_jax.models.layers import Dtype
+from safealign_jax.models.remat import REMAT_POLICIES, remat  # noqa: F401 (REMAT_POLICIES: re-exported)
 from safealign_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
 class _Block(nn.Module):
-    """Fields shared by all blocks."""
+    """Fields shared by all blocks. layer_remat: checkpoint policy of each ResnetBlock2D and
+    BasicTransformerBlock (a key of remat.REMAT_POLICIES; "none" = not rematerialised)."""
 
     out_channels: int
     num_layers: int
@@ -30,9 +31,10 @@ class _Block(nn.Module):
     attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    layer_remat: str = "none"
 
     def resnet(self, i: int, out_channels: int | None = None) -> ResnetBlock2D:
-        return ResnetBlock2D(
+        return remat(ResnetBlock2D, self.layer_remat)(
             out_channels or self.out_channels, self.groups, self.eps, self.output_scale_factor,
             dtype=self.dtype, param_dtype=self.param_dtype, name=f"resnets_{i}",
         )
@@ -42,7 +44,8 @@ class _Block(nn.Module):
         return Transformer2DModel(
             self.heads, channels // self.heads, self.transformer_layers, self.use_linear_projection,
             self.upcast_attention, self.groups, self.attention,
-            dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{i}",
+            dtype=self.dtype, param_dtype=self.param_dtype, layer_remat=self.layer_remat,
+            name=f"attentions_{i}",
         )
 
 
@@ -93,10 +96,3 @@ class UpBlock(_Block):
             x = Upsample2D(self.out_channels, self.dtype, self.param_dtype, name="upsamplers_0")(x)
         return x
 
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}

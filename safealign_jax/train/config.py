@@ -1,11 +1,12 @@
 """Validation of the training config (configs/train.py): one-line UserErrors naming the field."""
 
 from safealign_jax.errors import UserError
+from safealign_jax.models.remat import UNET_REMAT_POLICIES
 from safealign_jax.models.resolve import resolve_model
 
 CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16"),
-    "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
+    "model.remat_policy": UNET_REMAT_POLICIES,
     "model.prediction_type": ("epsilon", "v_prediction"),
     "optim.name": ("adamw", "adafactor"),
     "optim.schedule": ("constant", "cosine"),
