@@ -12,18 +12,14 @@ workdir/{comparison.md, comparison.json, comparison_ip.png}, workdir/judge_cache
 Every model folder an enabled metric needs is checked before any image is generated.
 SafetyDPO's own inference seeds one generator once for all prompts: to follow that protocol add
 --config.generation.seeding=single_stream (`generation.image_seed`; the noise is JAX's, not torch's).
+
+The command is safealign_jax/commands/evaluate.py (installed as `safealign-evaluate`); `main(config, workdir)`
+is its work, as in every script.
 """
 
-import os
+from safealign_jax.commands import evaluate as command
 
-from safealign_jax import cli
-from safealign_jax.eval.run import evaluate
-
-
-def main(config, workdir):
-    evaluate(config, workdir)
-    print(f"wrote {os.path.join(workdir, config.name)}/report.md and {workdir}/comparison.md")
-
+main = command.run
 
 if __name__ == "__main__":
-    cli.run(main, cli.define_flags())
+    command.main()
