@@ -17,6 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 
+def test_every_command_is_installed():
+    names = ("train", "sample", "export", "merge", "erase", "evaluate", "prepare-data", "embed-users",
+             "benchmark", "demo")
+    assert set(SCRIPTS) == {f"safealign-{n}" for n in names}
+
+
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_entry_point_target_imports(name):
     module, _, function = SCRIPTS[name].partition(":")
