@@ -281,9 +281,9 @@ def train(config, workdir: str, source=None):
     its restored state and `finished_summary` (summary["already_finished"] is True).
     """
     validate(config)
-    talk = config.train.progress_bar and cli.talking()
     options = objective.options_from_config(config)
     initialize_distributed(config)
+    talk = config.train.progress_bar and cli.talking() and jax.process_index() == 0
     retain = None  # the preservation term's retain prompts, encoded once
     if options.preserve_weight:
         prompts = objective.read_retain_prompts(config.dpo.retain_prompts)
