@@ -130,6 +130,27 @@ def variables(tree: dict, embeddings: jax.Array) -> dict:
     return traverse_util.unflatten_dict(out)
 
 
+def route(collection: dict, categories: jax.Array) -> dict:
+    """The "lora" collection of `variables` with each row's gates limited to the category of its
+    pair: row b keeps gate[b, categories[b]] and zeroes the others (categories[b] = -1: all
+    zero, the base model).
+
+    Training with it ("category-routed", `psa.gated.route`) makes gate c learn only from the
+    pairs about category c. Without it every gate also takes the (noisy) gradient of all the
+    other categories' pairs, through whatever small effect its delta has on their prompts,
+    which outweighs its own pairs' signal for some categories (README, "User-gated PSA").
+    Sampling always uses every gate: the deltas are made to leave other prompts unchanged.
+
+    Args:
+      collection: {P: {"gated_a", "gated_b", "gate": (B, C)}} from `variables`.
+      categories: (B,) int, the gated category index of each row's pair, or -1.
+    """
+    flat = traverse_util.flatten_dict(collection)
+    gate = next(v for p, v in flat.items() if p[-1] == "gate")
+    mask = jax.nn.one_hot(jnp.asarray(categories), gate.shape[1], dtype=gate.dtype)
+    return traverse_util.unflatten_dict({p: v * mask if p[-1] == "gate" else v for p, v in flat.items()})
+
+
 def user_delta(tree: dict, embedding) -> dict:
     """One user's full delta tree {P: {"delta": sum_c g_c(u) a_c b_c (in, out)}}, float32."""
     g = gates(tree, jnp.asarray(embedding, jnp.float32).reshape(1, -1))[0]

@@ -156,6 +156,42 @@ def test_dpo_gradient_opens_the_gate_of_a_helpful_category():
     assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(grads["gated"]["experts"]))
 
 
+def test_route_keeps_each_rows_own_category_gate():
+    gate = jnp.asarray([[0.2, 0.7, 0.9], [0.4, 0.5, 0.6], [0.3, 0.8, 0.1]])
+    collection = {"blk": {"proj": {"gated_a": jnp.ones((3, 2, 1)), "gated_b": jnp.ones((3, 1, 2)), "gate": gate}}}
+    routed = gated.route(collection, jnp.asarray([1, -1, 2]))
+    np.testing.assert_allclose(np.asarray(routed["blk"]["proj"]["gate"]),
+                               [[0, 0.7, 0], [0, 0, 0], [0, 0, 0.1]], rtol=1e-7)
+    np.testing.assert_array_equal(np.asarray(routed["blk"]["proj"]["gated_a"]), 1)
+
+
+def test_routed_gates_learn_only_from_their_own_categorys_pairs():
+    """Every pair is about category 0: routed, gate 1 gets exactly zero gradient (unrouted it gets
+    the same-sized opposite push, as its delta -c I hurts those pairs); the loss with routing
+    equals the loss with gate 1 closed by hand; a routed loss without category_index is refused."""
+    module = Toy()
+    params = {"proj": {"kernel": jnp.zeros((4, 4))}}
+    eye = 0.2 * np.eye(4, dtype=np.float32)
+    tree = gated.init([{"proj": {"delta": eye}}, {"proj": {"delta": -eye}}], EMBED)
+    users = jnp.asarray(np.abs(np.random.default_rng(4).standard_normal((8, EMBED))) + 0.1, jnp.float32)
+    batch = {"latents_w": 3.0 * jnp.ones((8, 8, 8, 4)), "latents_l": jnp.zeros((8, 8, 8, 4)),
+             "encoder_hidden_states": jnp.zeros((8, 1, 4)), "user_embedding": users,
+             "category_index": jnp.zeros((8,), jnp.int32)}
+    schedule = objective.training_schedule("", "sample")
+    routed = objective.make_loss_fn(module, 1.0, schedule, 50.0, train_gated_experts=False, route_gates=True)
+    (loss, _), grads = jax.value_and_grad(routed, has_aux=True)({"gated": tree}, params, batch, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(grads["gated"]["gate"]["kernel"][:, 1]), 0)
+    assert float(grads["gated"]["gate"]["bias"][1]) == 0 and float(grads["gated"]["gate"]["bias"][0]) < 0
+    closed = {**tree, "experts": {"proj": {k: v.at[1].set(0) for k, v in tree["experts"]["proj"].items()}}}
+    plain = objective.make_loss_fn(module, 1.0, schedule, 50.0, train_gated_experts=False)
+    np.testing.assert_allclose(float(loss), float(plain({"gated": closed}, params, batch, jax.random.key(0))[0]),
+                               rtol=1e-6)
+    unrouted = jax.grad(lambda tr: plain(tr, params, batch, jax.random.key(0))[0])({"gated": tree})
+    assert float(unrouted["gated"]["gate"]["bias"][1]) > 0
+    with pytest.raises(UserError, match="yields no 'category_index'"):
+        routed({"gated": tree}, params, {k: v for k, v in batch.items() if k != "category_index"}, jax.random.key(0))
+
+
 def test_frozen_experts_get_no_update_and_no_optimizer_state():
     tree = gated.init([{"proj": {"delta": np.eye(3, dtype=np.float32)}}] * 2, EMBED)
     trainable = {"gated": tree}

@@ -62,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.psa.gated.rank = 0  # SVD factor rank per layer (0 = exact, min(in, out); LoRA experts: their rank is exact)
     c.psa.gated.init_bias = 0.0  # gate bias b at the start (gates sigmoid(b) for every user)
     c.psa.gated.train_experts = False  # False: only W, b train; True: the category factors too
+    c.psa.gated.route = False  # True: each pair's row uses only its category's gate (batches carry category_index)
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 5000.0

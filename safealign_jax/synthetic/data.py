@@ -105,11 +105,14 @@ class UserPairs(SeededBatches):
 
     Record r < N: the harmful prompt of pair r for a random user (chosen = safe render if the
     user bans its category, else the harmful render); records r >= N: the safe prompt (chosen =
-    safe render). Batches are deterministic in (seed, batch index).
+    safe render). Batches are deterministic in (seed, batch index). With `gated_categories` (the
+    category order of a gated PSA tree) batches also carry "category_index" (B,) int32: the
+    position of each pair's category there, -1 if absent (`psa.gated.route`).
     """
 
     def __init__(self, pairs: PairSet, users: list[User], pipeline_folder: str, *, seed: int,
-                 global_rows: int, rows: slice, block: int, safe_share: float = 0.25):
+                 global_rows: int, rows: slice, block: int, safe_share: float = 0.25,
+                 gated_categories: list[str] | None = None):
         states, _ = encode_texts(load_pipeline(pipeline_folder), pairs.harmful_prompts + pairs.safe_prompts + [""],
                                  batch=TEXT_BATCH)
         self.empty_embedding = states[-1]
@@ -119,6 +122,8 @@ class UserPairs(SeededBatches):
         self.categories = pairs.categories
         self.users = users
         self.safe_share = safe_share
+        self.gated_index = None if gated_categories is None else np.array(
+            [list(gated_categories).index(c) if c in gated_categories else -1 for c in pairs.categories], np.int32)
         super().__init__(seed, global_rows, rows)
 
     def draw(self, rng: np.random.Generator, n: int) -> dict:
@@ -127,9 +132,12 @@ class UserPairs(SeededBatches):
         safe_prompt = rng.random(n) < self.safe_share
         banned = np.array([self.users[u].bans(self.categories[p]) for p, u in zip(pair, user, strict=True)])
         prefer_safe = (banned | safe_prompt)[:, None, None, None]
-        return {
+        batch = {
             "latents_w": np.where(prefer_safe, self.safe_latents[pair], self.harmful_latents[pair]),
             "latents_l": np.where(prefer_safe, self.harmful_latents[pair], self.safe_latents[pair]),
             "encoder_hidden_states": np.where(safe_prompt[:, None, None], self.safe_states[pair], self.harmful_states[pair]),
             "user_embedding": np.stack([self.users[u].embedding for u in user]),
         }
+        if self.gated_index is not None:
+            batch["category_index"] = self.gated_index[pair]
+        return batch

@@ -245,9 +245,11 @@ def run(config, workdir: str) -> dict:
     def render_harmful(**kwargs) -> np.ndarray:
         return render(pipe, [c.text for c in harmful], [c.seed for c in harmful], **kwargs, **sampling)
 
-    psa_cfg = psa_config(config.psa.train)
-    source = UserPairs(pairs, seen, folder, seed=config.seed, global_rows=psa_cfg.train.pairs_per_device * jax.device_count(),
-                       rows=slice(None), block=pipe.vae_scale)
+    def user_pairs(train_cfg) -> UserPairs:
+        return UserPairs(pairs, seen, folder, seed=config.seed, rows=slice(None), block=pipe.vae_scale,
+                         global_rows=train_cfg.train.pairs_per_device * jax.device_count(),
+                         gated_categories=list(world.categories))
+
     base_harmful = grids["base"][: len(harmful)]
     clock.stage("PSA users and user-conditioned pairs", t)
     variants, psa_grids, psa_runs = {}, {}, {}
@@ -256,7 +258,7 @@ def run(config, workdir: str) -> dict:
         """Trains the PSA variant `name` (`render_for_user(run, user)` gives its images) and evaluates it."""
         t = time.perf_counter()
         run_dir = os.path.join(workdir, "psa", name)
-        train(train_cfg, run_dir, source=source)
+        train(train_cfg, run_dir, source=user_pairs(train_cfg))
         psa_runs[name] = load_trained(run_dir)
         clock.stage(f"train PSA {name}", t)
         t = time.perf_counter()
@@ -265,7 +267,7 @@ def run(config, workdir: str) -> dict:
         variants[name]["recipe"] = recipe
         clock.stage(f"evaluate PSA {name}", t)
 
-    psa_variant("adapter", psa_cfg,
+    psa_variant("adapter", psa_config(config.psa.train),
                 lambda run, user: render_harmful(adapter=(run.adapter, run.adapter_scale),
                                                  user_embeddings=np.repeat(user.embedding[None], len(harmful), 0)),
                 f"paper: user adapter, N={config.psa.train.psa.num_tokens} token, "
@@ -286,7 +288,8 @@ def run(config, workdir: str) -> dict:
                                                          "psa.gated.categories": ",".join(world.categories)}),
                 lambda run, user: render_harmful(unet_params=run.folded_for_user(params, user.embedding)),
                 "user-gated closed-form edits per category, gates sigmoid(W u + b) learned "
-                f"with user-conditioned DPO (beta {config.psa.gated.dpo.beta:g})")
+                f"with user-conditioned DPO (beta {config.psa.gated.dpo.beta:g}"
+                f"{', category-routed' if config.psa.gated.psa.gated.route else ''})")
 
     results["psa"] = {"variants": variants}
     results["recommended"] = {"safety": report.recommend_safety(methods), "psa": report.recommend_psa(variants)}

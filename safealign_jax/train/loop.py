@@ -173,7 +173,8 @@ def make_step_fn(config, module, optimizer):
     schedule = objective.training_schedule(config.model.path, config.model.prediction_type)
     loss_fn = objective.make_loss_fn(module, lora_config(config).scale, schedule, config.dpo.beta,
                                      config.psa.scale, train_gated_experts=config.psa.gated.train_experts,
-                                     options=objective.options_from_config(config), kind=config.dpo.objective)
+                                     options=objective.options_from_config(config), kind=config.dpo.objective,
+                                     route_gates=config.psa.enable and config.psa.variant == "gated" and config.psa.gated.route)
     return make_train_step(loss_fn, optimizer, config.dpo.caption_dropout)
 
 

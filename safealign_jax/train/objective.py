@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safealign_jax import dpo
+from safealign_jax import dpo, gated
 from safealign_jax.errors import UserError
 from safealign_jax.schedulers import DDPMSchedule, ddpm_schedule, scheduler_config_from_dict
 from safealign_jax.trainable import Trainable
@@ -69,17 +69,25 @@ def policy_collections(trainable: dict, batch: dict, lora_scale: float,
 
 def make_loss_fn(module, lora_scale: float, schedule: DDPMSchedule, beta: float,
                  adapter_scale: float = 1.0, train_gated_experts: bool = True,
-                 options: dpo.DPOOptions | None = None, kind: str = "dpo"):
+                 options: dpo.DPOOptions | None = None, kind: str = "dpo", route_gates: bool = False):
     """loss_fn(trainable, params, batch, key) -> (loss, metrics) for `step.make_train_step`;
     `trainable` = {"lora": LoRA tree} and/or {"adapter": PSA tree}, or {"gated": gated PSA tree}
     (see `safealign_jax.trained`). `kind`: "dpo" (`dpo.diffusion_dpo_loss` with `options`) or
     "sft" (`dpo.diffusion_sft_loss`, the SFT baseline; only the noise options apply); options
-    None = the paper's loss."""
+    None = the paper's loss. `route_gates`: a gated tree's row b uses only the gate of its pair's
+    category, batch["category_index"] (B,) int (`gated.route`); the entry is ignored otherwise."""
     options = options or dpo.DPOOptions()
 
     def loss_fn(trainable, params, batch, key):
+        categories = batch.get("category_index")
+        batch = {k: v for k, v in batch.items() if k != "category_index"}
         collections, batch = policy_collections(trainable, batch, lora_scale, adapter_scale,
                                                 train_gated_experts)
+        if route_gates and "gated" in trainable:
+            if categories is None:
+                raise UserError("--config.psa.gated.route=True: the batch source yields no 'category_index' "
+                                "(B,) entry (the gated category of each pair).")
+            collections["lora"] = gated.route(collections["lora"], categories)
         if kind == "sft":
             return dpo.diffusion_sft_loss(module.apply, params, collections, batch, schedule, key, options)
         return dpo.diffusion_dpo_loss(module.apply, params, collections, batch, schedule, key, beta, options)
