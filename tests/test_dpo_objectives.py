@@ -4,9 +4,7 @@ warning, and the fair all-single baseline of scripts/train_experts.py.
 
 Values are recomputed by hand in float64 numpy on a toy UNet that is linear in its input."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,6 @@ from safealign_jax.schedulers import ddpm_schedule, scheduler_config_from_dict
 from safealign_jax.train import objective
 from safealign_jax.train.loop import winner_warning
 
-ROOT = Path(__file__).resolve().parents[1]
 BETA = 100.0  # small enough that float32 rounding of the errors stays far below the tolerances
 SCHEDULE = ddpm_schedule(scheduler_config_from_dict(dict(objective.SD_SCHEDULE, prediction_type="epsilon")))
 ALPHAS = np.asarray(SCHEDULE.alphas_cumprod, np.float64)
@@ -373,32 +370,36 @@ def test_trainer_runs_and_logs_the_new_terms(tmp_path, capsys):
         train(wrong, str(tmp_path / "wrong"))
 
 
-def _experts_script():
-    from absl import flags
-
-    spec = importlib.util.spec_from_file_location("train_experts_script", ROOT / "scripts/train_experts.py")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    finally:  # the script defines --config / --workdir; leave none for other modules' imports
-        for name in list(flags.FLAGS):
-            if name in ("config", "workdir") or name.startswith("config."):
-                delattr(flags.FLAGS, name)
-    return module
-
-
 def test_all_single_gets_the_experts_steps():
-    script = _experts_script()
+    from safealign_jax.commands.train_experts import jobs
+    from safealign_jax.data.categories import COPROV2
+
+    categories = list(COPROV2.categories)  # a CoProV2 cache's index
     config = tiny_config({"experts.categories": "Hate,Violence,sexual", "train.steps": 10})
-    assert script.jobs(config) == [("experts/hate", "Hate", 10), ("experts/violence", "Violence", 10),
-                                   ("experts/sexual", "Sexual", 10)]
+    assert jobs(config, categories) == [("experts/hate", "Hate", 10), ("experts/violence", "Violence", 10),
+                                        ("experts/sexual", "Sexual", 10)]
     config.experts.all_single = True
-    assert script.jobs(config)[-1] == ("all_single", "", 30)
+    assert jobs(config, categories)[-1] == ("all_single", "", 30)
     config.experts.all_single_steps = 12
-    assert script.jobs(config)[-1] == ("all_single", "", 12)
+    assert jobs(config, categories)[-1] == ("all_single", "", 12)
     config.experts.categories = ""
     config.experts.all_single_steps = 0
-    assert script.jobs(config)[-1] == ("all_single", "", 7 * 10)
+    assert jobs(config, categories)[-1] == ("all_single", "", 7 * 10)
     config.experts.all_single_steps = -1
     with pytest.raises(UserError, match="all_single_steps=-1"):
-        script.jobs(config)
+        jobs(config, categories)
+
+
+def test_experts_default_to_the_caches_categories():
+    """Free-text categories of a pairs table: one expert each, in the cache's order; a name of
+    experts.categories is matched to the cache's spelling, an unknown one refused."""
+    from safealign_jax.commands.train_experts import jobs
+
+    config = tiny_config({"train.steps": 4})
+    assert jobs(config, ["cats on sofas", "Rusty-Tools"]) == [("experts/cats_on_sofas", "cats on sofas", 4),
+                                                              ("experts/rusty_tools", "Rusty-Tools", 4)]
+    config.experts.categories = "rusty tools"
+    assert jobs(config, ["cats on sofas", "Rusty-Tools"]) == [("experts/rusty_tools", "Rusty-Tools", 4)]
+    config.experts.categories = "Hate"
+    with pytest.raises(UserError, match="unknown category 'Hate'; the data set's categories are 'cats on sofas'"):
+        jobs(config, ["cats on sofas", "Rusty-Tools"])
