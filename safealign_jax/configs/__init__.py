@@ -3,3 +3,12 @@
 
 Each module has `get_config(arg)`; configs import each other as `safealign_jax.configs.NAME`.
 """
+
+
+def choose_preset(name: str, arg: str | None, presets: tuple[str, ...]) -> str:
+    """The preset `arg` of configs/`name`.py (None or "" = the first of `presets`); ValueError
+    `configs/NAME.py:ARG: unknown preset (...)` otherwise, which the commands print as one line."""
+    preset = arg or presets[0]
+    if preset not in presets:
+        raise ValueError(f"configs/{name}.py:{preset}: unknown preset (expected one of {presets}).")
+    return preset

@@ -8,7 +8,7 @@ train the all-single baseline and the PSA adapter, evaluate with the oracle, exp
 
 import ml_collections
 
-from safealign_jax.configs import train
+from safealign_jax.configs import choose_preset, train
 
 PRESETS = ("default", "quick")
 
@@ -26,9 +26,7 @@ def _expert(steps: int, lr: float, beta: float):
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or "default"
-    if preset not in PRESETS:
-        raise ValueError(f"configs/demo.py:{preset}: unknown preset (expected one of {PRESETS}).")
+    preset = choose_preset("demo", arg, PRESETS)
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.seed = 0

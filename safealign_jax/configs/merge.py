@@ -16,13 +16,13 @@ form "svd" re-factors it to a rank-`output.rank` LoRA (any export format).
 
 import ml_collections
 
+from safealign_jax.configs import choose_preset
+
 PRESETS = ("comerge", "linear", "task_arithmetic", "ties", "dare", "fusion")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    method = arg or "comerge"
-    if method not in PRESETS:
-        raise ValueError(f"configs/merge.py:{method}: unknown preset (expected one of {PRESETS}).")
+    method = choose_preset("merge", arg, PRESETS)
     c = ml_collections.ConfigDict()
     c.method = method
     c.experts = ""  # comma-separated expert workdirs, or one folder: all its subfolders holding runs

@@ -13,15 +13,14 @@ official PSA sampling's negative prompt, `generation.PSA_NEGATIVE_PROMPT`).
 
 import ml_collections
 
+from safealign_jax.configs import choose_preset
 from safealign_jax.eval.generation import PSA_NEGATIVE_PROMPT
 
 PRESETS = ("", "psa")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or ""
-    if preset not in PRESETS:
-        raise ValueError(f"configs/sample.py:{preset}: unknown preset (expected one of {PRESETS}).")
+    preset = choose_preset("sample", arg, PRESETS)
     config = ml_collections.ConfigDict()
     config.model = ""  # a diffusers pipeline folder ("" with a checkpoint: its base model's pipeline)
     config.checkpoint = ""  # a training or merge workdir (LoRA, full delta and/or PSA adapter)
