@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.variant = ""  # weights variant, e.g. "fp16"
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (the UNet module dtype)
     c.model.param_dtype = "float32"  # float32 | bfloat16: storage of the frozen base (LoRA/adapter stay fp32)
-    c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+    c.model.remat_policy = "none"  # none | full | dots | dots_no_batch (per UNet block) | <those>_per_layer
     c.model.attention = "auto"  # auto | xla | chunked | cudnn | pallas (safealign_jax.models.attention)
     c.model.prediction_type = "epsilon"  # used when the folder has no scheduler config
 
@@ -152,7 +152,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.prediction_type = "v_prediction"
     elif preset in ("sdxl", "psa_sdxl"):
         c.optim.name = "adafactor"
-        c.model.remat_policy = "full"
+        c.model.remat_policy = "full_per_layer"  # BENCHMARKS.md "Compiled memory": per layer keeps least
         c.data.resolution = 1024
     if preset == "sdxl":  # the official SDXL launcher: lr 1e-5 not scaled by pairs, no warm-up, no clipping
         c.optim.scale_lr_by_pairs, c.optim.warmup_steps, c.optim.clip_norm = False, 0, 0.0
