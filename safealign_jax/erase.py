@@ -13,7 +13,7 @@ layer gets the minimiser of
 with C, C*, P the rows stacked. The D x D system does not depend on the layer, so it is factored
 once and every layer costs one (D, D) x (D, out) product. The result is a delta tree
 {P: {"delta": (D, out) float32}} like a merge's: `lora.fold_delta` folds it, `merge.to_lora` makes
-it a LoRA, `trained.save_trained(workdir, {"delta": tree}, ...)` makes it a run (scripts/erase.py).
+it a LoRA, `runs.save_trained(workdir, {"delta": tree}, ...)` makes it a run (scripts/erase.py).
 
     delta = edit_from_prompts(pipe, pipe.unet_params, [("nudity", "dress"), ("gore", "")],
                               preserved=["a cat", "a portrait"])

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safealign_jax import adapter as user_adapter
 from safealign_jax.convert.checkpoint import read_config
 from safealign_jax.errors import UserError, check
 from safealign_jax.models import load_text_encoder, load_tokenizer, load_unet, load_vae, tokenize
@@ -27,6 +26,7 @@ from safealign_jax.models.embeddings import sdxl_time_ids
 from safealign_jax.models.layers import Dtype
 from safealign_jax.models.resolve import resolve_model
 from safealign_jax.schedulers import SchedulerConfig, make_sampler, read_scheduler_config
+from safealign_jax.trainable import Trainable
 
 
 @dataclasses.dataclass
@@ -224,8 +224,9 @@ def generate(
         tree, scale = adapter
         embeddings = jnp.asarray(user_embeddings, jnp.float32)
         check(embeddings.shape[0] == batch, f"got {embeddings.shape[0]} user embeddings for {batch} prompts.")
-        variables["adapter"] = user_adapter.variables(tree, scale)
-        user_tokens = user_adapter.user_tokens(tree, jnp.concatenate([jnp.zeros_like(embeddings), embeddings]))
+        user = Trainable({"adapter": tree}, {"adapter": scale})
+        variables.update(user.collections())
+        user_tokens = user.user_tokens(jnp.concatenate([jnp.zeros_like(embeddings), embeddings]))
 
     if latents is None:
         latents = initial_noise(seeds, shape)

@@ -8,20 +8,16 @@ category names come from config psa.gated.categories (else the expert folder nam
 
     trained = load_trained("runs/expert_hate")          # a workdir, checkpoints/ or checkpoints/<step>
     out = unet.apply({"params": params, **trained.unet_variables()}, ...)
-    save_trained("runs/merged", Trainable({"lora": tree}), config, trained.base_model)   # same layout
+    runs.save_trained("runs/merged", Trainable({"lora": tree}), config, trained.base_model)  # safealign_jax.runs
 """
 
 import dataclasses
 import os
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
-
 from safealign_jax import gated
-from safealign_jax.errors import UserError, check
-from safealign_jax.train.checkpoint import read_trainable
-from safealign_jax.trainable import Trainable, record, scales_of
+from safealign_jax.errors import check
+from safealign_jax.runs import read_trainable
+from safealign_jax.trainable import Trainable, scales_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +30,7 @@ class Trained:
     base_model: dict  # {"path", "sha256"} of the frozen base the trees were trained on
     categories: tuple[str, ...] = ()  # the gated tree's categories, in gate order
 
+    # The trainable's entries (None when absent) and scales, as the scripts read them.
     lora = property(lambda self: self.trainable.tree.get("lora"))
     delta = property(lambda self: self.trainable.tree.get("delta"))
     adapter = property(lambda self: self.trainable.tree.get("adapter"))
@@ -87,29 +84,3 @@ def load_trained(path: str, step: int | None = None) -> Trained:
     """The trained trees of a training or merge workdir (latest checkpoint unless `step`)."""
     run = read_trainable(path, step)
     return from_tree(run["trainable"], run["config"], run["base_model"], run["step"], where=path)
-
-
-def save_trained(workdir: str, trainable: Trainable | dict, config: dict, base_model: dict, step: int = 0) -> str:
-    """Writes `trainable` as `workdir/checkpoints/<step>/` in the layout of a training checkpoint,
-    so every script that accepts a training run accepts it. Returns the checkpoint folder.
-
-    `trainable`: a `Trainable`, or a trainable dict whose scales `config` gives (`scales_of`); its
-    kind and scales are recorded in the saved config's "trainable" section (`record`).
-    Raises UserError if that checkpoint already exists (a merge never overwrites a result).
-    """
-    if not isinstance(trainable, Trainable):
-        trainable = Trainable(trainable, scales_of(config))
-    trainable.validate(workdir)
-    config = {**config, "trainable": record(trainable)}
-    folder = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if os.path.isdir(os.path.join(folder, str(step))):
-        raise UserError(f"{workdir}: already holds a checkpoint {step}; choose another workdir.")
-    tree = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(trainable.tree))
-    with ocp.CheckpointManager(folder) as manager:
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"step": np.int32(step), "trainable": tree}),
-            config=ocp.args.JsonSave(config),
-            base_model=ocp.args.JsonSave(base_model),
-        ))
-        manager.wait_until_finished()
-    return os.path.join(folder, str(step))

@@ -25,7 +25,7 @@ TRAIN_FLAGS = ["--config.train.pairs_per_device=1", "--config.data.resolution=32
 SAVE_ON_8 = textwrap.dedent("""
     import sys, jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from safealign_jax.train.checkpoint import Checkpoints
+    from safealign_jax.runs import Checkpoints
     assert jax.device_count() == 8
     mesh = Mesh(np.array(jax.devices()).reshape(8), ("data",))
     rng = np.random.default_rng(0)
@@ -45,7 +45,7 @@ SAVE_ON_8 = textwrap.dedent("""
 READ_AND_COMPARE = textwrap.dedent("""
     import sys, jax, numpy as np
     from flax import traverse_util
-    from safealign_jax.train.checkpoint import read_trainable
+    from safealign_jax.runs import read_trainable
     assert jax.device_count() == 1
     run = read_trainable(sys.argv[1])
     flat = traverse_util.flatten_dict(run["trainable"], sep="/")

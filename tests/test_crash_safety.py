@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from train_helper import tiny_config, without_speed
 
-from safealign_jax.train.checkpoint import read_trainable
+from safealign_jax.runs import read_trainable
 from safealign_jax.train.data import SyntheticPairs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -163,7 +163,7 @@ def test_psa_run_generates_for_each_rows_user(folders, tmp_path):
     from safealign_jax.data.eval_prompts import PromptRow
     from safealign_jax.eval import generation
     from safealign_jax.models import load_unet
-    from safealign_jax.trained import save_trained
+    from safealign_jax.runs import save_trained
 
     _, unet_params = load_unet(folders["model"])
     tree = adapter.init(jax.random.key(0), unet_params, embed_dim=8)

@@ -20,8 +20,7 @@ from safealign_jax.convert import lora_files
 from safealign_jax.convert.checkpoint import read_config
 from safealign_jax.convert.names import DIFFUSERS_NAMES, state_dict_from_params
 from safealign_jax.models import load_unet
-from safealign_jax.train.checkpoint import hash_folder
-from safealign_jax.trained import save_trained
+from safealign_jax.runs import hash_folder, save_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK, ALPHA = 4, 8.0

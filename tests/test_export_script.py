@@ -13,7 +13,7 @@ from torch_reference import nchw, nhwc, relative_error
 
 from safealign_jax.convert.lora_files import load_lora_file
 from safealign_jax.models import load_unet
-from safealign_jax.train.checkpoint import read_trainable
+from safealign_jax.runs import read_trainable
 from safealign_jax.trainable import Trainable
 
 ROOT = Path(__file__).resolve().parents[1]

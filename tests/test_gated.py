@@ -13,11 +13,12 @@ from train_helper import tiny_config
 from safealign_jax import adapter, gated
 from safealign_jax.errors import UserError
 from safealign_jax.models.layers import Dense
+from safealign_jax.runs import save_trained
 from safealign_jax.train import objective
 from safealign_jax.train.data import SyntheticPairs
 from safealign_jax.train.loop import init_trainable, train
 from safealign_jax.train.model import load_base
-from safealign_jax.trained import load_trained, save_trained
+from safealign_jax.trained import load_trained
 
 EMBED = 6
 TARGETS = ("to_k", "to_v")

@@ -26,7 +26,8 @@ from safealign_jax import adapter, gated  # noqa: E402
 from safealign_jax.convert import adapter_files, gated_files  # noqa: E402
 from safealign_jax.models import load_unet  # noqa: E402
 from safealign_jax.pipeline import generate, load_pipeline  # noqa: E402
-from safealign_jax.trained import load_trained, save_trained  # noqa: E402
+from safealign_jax.runs import save_trained  # noqa: E402
+from safealign_jax.trained import load_trained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBED = 10

@@ -8,9 +8,8 @@ from flax import traverse_util
 from train_helper import tiny_config
 
 from safealign_jax import UserError, adapter, lora
-from safealign_jax.train import checkpoint
+from safealign_jax.runs import hash_folder, save_trained
 from safealign_jax.train.loop import initial_lora
-from safealign_jax.trained import save_trained
 
 
 def _config(unet_dir, init_from):
@@ -19,7 +18,7 @@ def _config(unet_dir, init_from):
 
 def test_a_run_starts_at_the_fit_of_a_delta_or_lora_run(tmp_path, tiny_unet_dir, tiny_unet):
     _, params = tiny_unet
-    base = {"path": tiny_unet_dir, "sha256": checkpoint.hash_folder(tiny_unet_dir)}
+    base = {"path": tiny_unet_dir, "sha256": hash_folder(tiny_unet_dir)}
     kernels = traverse_util.flatten_dict(params)
     path = tuple(lora.targets(params)[0].split("/"))
     rng = np.random.default_rng(1)
@@ -52,7 +51,7 @@ def test_a_run_starts_at_the_fit_of_a_delta_or_lora_run(tmp_path, tiny_unet_dir,
 
 def test_init_from_a_run_without_lora_or_delta_is_refused(tmp_path, tiny_unet_dir, tiny_unet):
     _, params = tiny_unet
-    base = {"path": tiny_unet_dir, "sha256": checkpoint.hash_folder(tiny_unet_dir)}
+    base = {"path": tiny_unet_dir, "sha256": hash_folder(tiny_unet_dir)}
     run = str(tmp_path / "adapter")
     save_trained(run, {"adapter": adapter.init(jax.random.key(1), params, 8, 1)}, {"psa": {"scale": 1.0}}, base)
     with pytest.raises(UserError, match="holds no LoRA or delta"):

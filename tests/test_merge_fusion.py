@@ -143,8 +143,8 @@ def test_merge_script_fusion(tmp_path):
 
     from safealign_jax import erase
     from safealign_jax.pipeline import load_pipeline
-    from safealign_jax.train.checkpoint import hash_folder
-    from safealign_jax.trained import load_trained, save_trained
+    from safealign_jax.runs import hash_folder, save_trained
+    from safealign_jax.trained import load_trained
 
     pipe = load_pipeline(build_sd(tmp_path))
     unet = str(tmp_path / "sd" / "unet")

@@ -25,8 +25,8 @@ from safealign_jax.convert.lora_files import load_lora_file
 from safealign_jax.data import cache
 from safealign_jax.data.tfds_builders import CoProV2Pairs
 from safealign_jax.models import load_unet
-from safealign_jax.train.checkpoint import hash_folder
-from safealign_jax.trained import load_trained, save_trained
+from safealign_jax.runs import hash_folder, save_trained
+from safealign_jax.trained import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERTS = ("hate", "sexual", "violence")

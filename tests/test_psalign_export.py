@@ -103,7 +103,7 @@ def test_refused_exports_and_bad_metadata_are_one_line(unet, tmp_path):
 
 
 def test_export_script_psalign_format(tiny_unet_dir, tiny_unet, tmp_path):
-    from safealign_jax.trained import save_trained
+    from safealign_jax.runs import save_trained
 
     params = tiny_unet[1]
     tree = adapter.init(jax.random.key(0), params, embed_dim=EMBED)

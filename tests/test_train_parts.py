@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safealign_jax.train.checkpoint import hash_folder
+from safealign_jax.runs import hash_folder
 from safealign_jax.train.data import SyntheticPairs
 from safealign_jax.train.step import drop_captions
 

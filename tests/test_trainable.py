@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from safealign_jax import UserError, adapter
-from safealign_jax.train.checkpoint import Checkpoints
+from safealign_jax.runs import Checkpoints, save_trained
 from safealign_jax.trainable import Trainable, expert, record, scales_of
-from safealign_jax.trained import load_trained, save_trained
+from safealign_jax.trained import load_trained
 
 A = np.array([[1.0, 2.0], [0.0, -1.0], [3.0, 0.5]], np.float32)  # (in 3, r 2)
 B = np.array([[1.0, 0.0, 2.0, -1.0], [0.5, 1.0, 0.0, 2.0]], np.float32)  # (r 2, out 4)

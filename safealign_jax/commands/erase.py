@@ -20,8 +20,8 @@ from flax.traverse_util import flatten_dict
 from safealign_jax import cli, erase, merge
 from safealign_jax.errors import check
 from safealign_jax.models.resolve import resolve_model
+from safealign_jax.runs import save_trained
 from safealign_jax.trainable import Trainable
-from safealign_jax.trained import save_trained
 
 FORMS = ("delta", "svd")
 

@@ -31,7 +31,7 @@ from safealign_jax.errors import check
 from safealign_jax.models import load_unet
 from safealign_jax.models.load import component_folder
 from safealign_jax.models.resolve import resolve_model
-from safealign_jax.train.samples import pipeline_folder
+from safealign_jax.runs import pipeline_folder
 from safealign_jax.trained import load_trained
 
 FORMATS = ("peft", "kohya", "unet", "ip-adapter", "psalign", "gated")

@@ -30,9 +30,8 @@ from safealign_jax.models.load import component_folder
 from safealign_jax.models.resolve import resolve_model
 from safealign_jax.pipeline import load_pipeline
 from safealign_jax.psa_users import resolve_user_embedding
+from safealign_jax.runs import hash_folder, pipeline_folder
 from safealign_jax.schedulers import SAMPLER_NAMES
-from safealign_jax.train.checkpoint import hash_folder
-from safealign_jax.train.samples import pipeline_folder
 from safealign_jax.trained import load_trained
 
 SETTINGS = ("steps", "guidance", "guidance_rescale", "sampler", "seed", "use_file_seeds", "negative_prompt",

@@ -95,9 +95,9 @@ def load_base(trained: Sequence, model: str = "") -> Base:
     (UserError unless it is that model)."""
     import ml_collections
 
+    from safealign_jax.runs import pipeline_folder
     from safealign_jax.train import model as train_model
     from safealign_jax.train.objective import training_schedule
-    from safealign_jax.train.samples import pipeline_folder
 
     config = ml_collections.ConfigDict(trained[0].config)
     if model:

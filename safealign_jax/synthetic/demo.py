@@ -26,6 +26,7 @@ import numpy as np
 from safealign_jax import lora, merge
 from safealign_jax.data.categories import slug
 from safealign_jax.pipeline import load_pipeline
+from safealign_jax.runs import save_trained
 from safealign_jax.synthetic import base_model, metrics, prompt_sets, report
 from safealign_jax.synthetic.data import UserPairs, render, render_pairs, write_coprov2
 from safealign_jax.synthetic.metrics import PromptCase
@@ -33,7 +34,7 @@ from safealign_jax.synthetic.oracle import Oracle, validate
 from safealign_jax.synthetic.users import make_users
 from safealign_jax.synthetic.world import IMAGE_SIZE, Scene, World, evaluation_templates, prompt
 from safealign_jax.trainable import Trainable
-from safealign_jax.trained import load_trained, save_trained
+from safealign_jax.trained import load_trained
 
 
 class Stopwatch:

@@ -1,1 +1,1 @@
-"""Training: device mesh & shardings, train state, the jitted DPO step, Orbax checkpoints, loop."""
+"""Training: device mesh & shardings, train state, the jitted DPO step, loop (checkpoints: `safealign_jax.runs`)."""

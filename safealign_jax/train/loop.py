@@ -28,8 +28,9 @@ from safealign_jax.bench.cache import enable_compilation_cache
 from safealign_jax.bench.flops import model_flops
 from safealign_jax.bench.peak import Peak, device_peak
 from safealign_jax.errors import UserError
-from safealign_jax.train import checkpoint, objective, reliability
+from safealign_jax.runs import Checkpoints, abstract_like
 from safealign_jax.train import mesh as mesh_lib
+from safealign_jax.train import objective, reliability
 from safealign_jax.train import state as state_lib
 from safealign_jax.train.config import validate
 from safealign_jax.train.data import SyntheticPairs
@@ -311,10 +312,8 @@ def train(config, workdir: str, source=None):
         with _Stage(f"building the data ({config.data.source})", talk):
             source = make_source(config, module, global_pairs, rows)
 
-    ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints,
-                                   config.train.async_checkpoints)
-    restored = ckpts.restore_latest_good(checkpoint.abstract_like(state, state_sh), base_ref,
-                                         config.to_dict())
+    ckpts = Checkpoints(workdir, config.train.keep_checkpoints, config.train.async_checkpoints)
+    restored = ckpts.restore_latest_good(abstract_like(state, state_sh), base_ref, config.to_dict())
     if restored is not None:
         state, data_state, last_saved = restored
         source.set_state(data_state)

@@ -14,10 +14,10 @@ import os
 import jax
 import jax.numpy as jnp
 
+from safealign_jax import runs
 from safealign_jax.errors import check
 from safealign_jax.models import UNet2DConditionModel, UNetConfig, load_unet
 from safealign_jax.models.load import component_folder
-from safealign_jax.train import checkpoint
 
 # One level (cross-attention down, mid and up blocks): SD1-like, and quick to compile on CPU.
 TINY_UNET = dict(
@@ -55,10 +55,10 @@ def load_base(config) -> tuple[UNet2DConditionModel, dict, dict]:
                                    variant=config.model.variant or None)
         folder = os.path.abspath(component_folder(config.model.path, "unet"))
         return unet_module(config, module.config), params, {"path": folder,
-                                                             "sha256": checkpoint.hash_folder(folder)}
+                                                             "sha256": runs.hash_folder(folder)}
     module = unet_module(config, UNetConfig(**TINY_UNET))
     inputs = module.dummy_inputs(size=4, seq_len=1)
     params = jax.jit(module.init)(jax.random.key(config.seed), *inputs)["params"]
     reference = {"path": f"<tiny random UNet, seed {config.seed}>",
-                 "sha256": checkpoint.hash_json({"unet": TINY_UNET, "seed": config.seed})}
+                 "sha256": runs.hash_json({"unet": TINY_UNET, "seed": config.seed})}
     return module, params, reference

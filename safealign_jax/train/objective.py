@@ -19,6 +19,7 @@ import numpy as np
 
 from safealign_jax import dpo, gated
 from safealign_jax.errors import UserError
+from safealign_jax.runs import folder_holding
 from safealign_jax.schedulers import DDPMSchedule, ddpm_schedule, scheduler_config_from_dict
 from safealign_jax.trainable import Trainable
 
@@ -30,9 +31,9 @@ SD_SCHEDULE = {"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear",
 def training_schedule(model_path: str, prediction_type: str) -> DDPMSchedule:
     """The DDPM schedule of the pipeline holding `model_path` (a pipeline or its unet/ folder),
     else SD's with `prediction_type`."""
-    for folder in (model_path, os.path.dirname(os.path.normpath(model_path))) if model_path else ():
-        if os.path.isfile(os.path.join(folder, "scheduler", "scheduler_config.json")):
-            return ddpm_schedule(folder)
+    folder = folder_holding(model_path, os.path.join("scheduler", "scheduler_config.json"))
+    if folder is not None:
+        return ddpm_schedule(folder)
     return ddpm_schedule(scheduler_config_from_dict(
         dict(SD_SCHEDULE, prediction_type=prediction_type), "built-in SD schedule"))
 
@@ -158,7 +159,7 @@ class RetainPrompts:
         """Encodes `prompts` with the text encoder(s) of the pipeline folder holding `model_path`
         (as the latent cache encodes its captions: `data.cache.load_encoders` / `encode_texts`)."""
         from safealign_jax.data.cache import encode_texts, load_encoders
-        from safealign_jax.train.samples import pipeline_folder
+        from safealign_jax.runs import pipeline_folder
 
         folder = pipeline_folder(model_path)
         if folder is None:

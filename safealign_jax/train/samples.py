@@ -12,15 +12,8 @@ import jax
 from safealign_jax.errors import UserError
 from safealign_jax.images import contact_sheet, save_png, to_uint8
 from safealign_jax.pipeline import generate, load_pipeline
+from safealign_jax.runs import pipeline_folder
 from safealign_jax.trainable import Trainable
-
-
-def pipeline_folder(model_path: str) -> str | None:
-    """The pipeline folder holding `model_path` (itself or the parent of its unet/), or None."""
-    for folder in (model_path, os.path.dirname(os.path.normpath(model_path))) if model_path else ():
-        if os.path.isfile(os.path.join(folder, "model_index.json")):
-            return folder
-    return None
 
 
 class SampleGrids:

@@ -1,9 +1,15 @@
-"""Orbax checkpoints of a training run in `workdir/checkpoints/<step>/`.
+"""The one owner of run folders: save, restore, read and hash.
 
-Each checkpoint holds: "state" (the TrainState: step, trainable tree, optimizer state, rng),
-"config" (the run config as JSON), "data" (the batch source's position) and "base_model"
-(path + cheap content hash of the frozen base weights). A workdir that already holds
-checkpoints resumes from the latest readable one; resuming on different base weights is refused.
+A run folder (a training workdir, or a merge / edit result) holds Orbax checkpoints in
+`workdir/checkpoints/<step>/`, each with: "state" (step, the trainable tree and, for training,
+optimizer state and rng), "config" (the run config as JSON; a merge or edit records its
+trainable's kind and scales there, `trainable.record`), "base_model" (path + cheap content hash
+of the frozen base weights) and, for training, "data" (the batch source's position).
+`Checkpoints` is the trainer's manager (resume, keep the last k, asynchronous saves); `save_trained`
+writes a merge's or edit's result in the same layout; `read_trainable` reads either.
+
+A workdir that already holds checkpoints resumes from the latest readable one; resuming on
+different base weights is refused.
 
 Crash safety: Orbax writes a checkpoint into a temporary folder and renames it when complete, so
 a run killed mid-save leaves no `<step>/` folder (the temporary one is removed on the next start).
@@ -11,6 +17,7 @@ A complete checkpoint that was damaged later (truncated or deleted files) is rep
 in one line, moved to `workdir/damaged_checkpoints/`, and the previous one is used; when
 checkpoints exist but none is readable, resuming fails with a UserError (never a fresh start).
 """
+
 
 import contextlib
 import hashlib
@@ -27,6 +34,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from safealign_jax.errors import UserError
+from safealign_jax.trainable import Trainable, record, scales_of
 
 _HEAD_BYTES = 1 << 20
 # Config fields that shape the saved state: a resumed run must keep them.
@@ -55,6 +63,29 @@ def hash_folder(folder: str) -> str:
 def hash_json(value) -> str:
     """sha256 of a JSON-serialisable description (for in-process models)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def folder_holding(model_path: str, relative: str) -> str | None:
+    """`model_path` or its parent (a pipeline around a unet/ folder), whichever holds the file
+    `relative`; None when neither (or `model_path` is empty)."""
+    for folder in (model_path, os.path.dirname(os.path.normpath(model_path))) if model_path else ():
+        if os.path.isfile(os.path.join(folder, relative)):
+            return folder
+    return None
+
+
+def pipeline_folder(model_path: str) -> str | None:
+    """The diffusers pipeline folder holding `model_path` (itself or the parent of its unet/), or None."""
+    return folder_holding(model_path, "model_index.json")
+
+
+def _checkpoint_args(state, config: dict, base_model: dict, data: dict | None = None) -> ocp.args.Composite:
+    """The items of one checkpoint: state, config and base model, and the data position of training."""
+    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config),
+             "base_model": ocp.args.JsonSave(base_model)}
+    if data is not None:
+        items["data"] = ocp.args.JsonSave(data)
+    return ocp.args.Composite(**items)
 
 
 class Checkpoints:
@@ -120,15 +151,7 @@ class Checkpoints:
         _sync(f"set_aside_{step}")
 
     def save(self, step: int, state, config: dict, data_state: dict, base_model: dict) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(config),
-                data=ocp.args.JsonSave(data_state),
-                base_model=ocp.args.JsonSave(base_model),
-            ),
-        )
+        self.manager.save(step, args=_checkpoint_args(state, config, base_model, data=data_state))
 
     def restore(self, abstract_state, base_model: dict, config: dict, step: int | None = None):
         """(state, data_state) of checkpoint `step` (default latest). Refuses other base weights,
@@ -262,3 +285,26 @@ def read_trainable(path: str, step: int | None = None) -> dict:
         "config": restored["config"],
         "base_model": restored["base_model"],
     }
+
+
+def save_trained(workdir: str, trainable: Trainable | dict, config: dict, base_model: dict, step: int = 0) -> str:
+    """Writes a merge's or edit's `trainable` as `workdir/checkpoints/<step>/` in the layout of a
+    training checkpoint, so every script that accepts a training run accepts it. Returns the
+    checkpoint folder.
+
+    `trainable`: a `Trainable`, or a trainable dict whose scales `config` gives (`scales_of`); its
+    kind and scales are recorded in the saved config's "trainable" section (`record`).
+    Raises UserError if that checkpoint already exists (a merge never overwrites a result).
+    """
+    if not isinstance(trainable, Trainable):
+        trainable = Trainable(trainable, scales_of(config))
+    trainable.validate(workdir)
+    config = {**config, "trainable": record(trainable)}
+    folder = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if os.path.isdir(os.path.join(folder, str(step))):
+        raise UserError(f"{workdir}: already holds a checkpoint {step}; choose another workdir.")
+    tree = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(trainable.tree))
+    with ocp.CheckpointManager(folder) as manager:
+        manager.save(step, args=_checkpoint_args({"step": np.int32(step), "trainable": tree}, config, base_model))
+        manager.wait_until_finished()
+    return os.path.join(folder, str(step))
