@@ -33,7 +33,7 @@ VAE = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, l
 IMAGE_SIZE = 16  # pixels: UNet sample_size 8 x the VAE's factor 2
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """GPT-2 / CLIP's reversible byte -> printable character table, in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     symbols, extra = {}, 0
@@ -51,7 +51,7 @@ def write_clip_tokenizer(folder, model_max_length: int = 77) -> str:
     into `folder`; returns its path."""
     folder = str(folder)
     os.makedirs(folder, exist_ok=True)
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in MERGES]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     with open(os.path.join(folder, "vocab.json"), "w") as f:

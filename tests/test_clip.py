@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from fixtures_tokenizer import write_tiny_clip_tokenizer
 from safetensors.numpy import load_file, save_file
 from torch_reference import randomise, relative_error
 from transformers import CLIPTextConfig as TorchConfig
@@ -20,6 +19,7 @@ from transformers import CLIPTextModelWithProjection as TorchCLIPProjection
 
 from safealign_jax import UserError
 from safealign_jax.models import load_text_encoder, load_tokenizer, param_count, tokenize
+from safealign_jax.tiny_pipeline import write_clip_tokenizer
 
 VOCAB, BOS, EOS = 1000, 998, 999
 BASE = dict(
@@ -183,7 +183,7 @@ def test_error_sequence_too_long(saved):
 @pytest.fixture(scope="module")
 def tokenizer_pipeline(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pipeline")
-    write_tiny_clip_tokenizer(folder / "tokenizer", model_max_length=12)
+    write_clip_tokenizer(folder / "tokenizer", model_max_length=12)
     return str(folder)
 
 

@@ -32,14 +32,15 @@ TINY_VISION = dict(
 def clip_dir(tmp_path_factory) -> str:
     """A tiny random transformers CLIPModel (projection 16, 30 px) with a tiny tokenizer."""
     import torch
-    from fixtures_tokenizer import write_tiny_clip_tokenizer
     from transformers import CLIPConfig, CLIPModel
+
+    from safealign_jax.tiny_pipeline import write_clip_tokenizer
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_clip")
     config = CLIPConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=16)
     CLIPModel(config).eval().save_pretrained(folder)
-    write_tiny_clip_tokenizer(folder)
+    write_clip_tokenizer(folder)
     return str(folder)
 
 

@@ -3,7 +3,6 @@ an offline byte-level tokenizer that has a chat template (left padding, masking,
 one-line errors)."""
 
 import functools
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -38,13 +37,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("embed_users_script", ROOT / "scripts/embed_users.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("users")
@@ -59,10 +51,11 @@ def tiny_llm(tmp_path_factory, data):
     (the 256 byte symbols, no merges, so one token per byte; AutoTokenizer picks Qwen2Tokenizer from
     the model_type anyway, so the tokenizer must be one)."""
     import torch
-    from fixtures_tokenizer import _byte_symbols
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-    vocab = {t: i for i, t in enumerate([*_byte_symbols(), "<|endoftext|>", "<|im_start|>", "<|im_end|>"])}
+    from safealign_jax.tiny_pipeline import byte_symbols
+
+    vocab = {t: i for i, t in enumerate([*byte_symbols(), "<|endoftext|>", "<|im_start|>", "<|im_end|>"])}
     tokenizer = Qwen2Tokenizer(
         vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
         extra_special_tokens=["<|im_start|>"],
@@ -159,7 +152,8 @@ def test_select_users(data):
 
 
 def test_embeddings_equal_unpadded_reference_for_any_batch_size(tiny_llm, data, tmp_path):
-    script = _load_script()
+    from safealign_jax.commands import embed_users as script
+
     tokenizer, model = script.load_model(str(tiny_llm), "float32", "cpu")
     users = read_users(data / "users.csv")
     prompts = [profile_prompt(u, TEMPLATE) for u in users.values()]

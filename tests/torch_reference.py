@@ -1,19 +1,13 @@
 """Builders of tiny random PyTorch reference models (diffusers / transformers), saved to folders.
 
-Tests import torch only through here, so `import safealign_jax` stays torch-free.
+Tests import torch only through here, so `import safealign_jax` stays torch-free. `randomise`
+(every parameter N(0, std)) is the library's, from `safealign_jax.tiny_pipeline`.
 """
 
 import numpy as np
 import torch
 
-
-def randomise(module: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
-    """Overwrites every parameter with N(0, std) so zero-initialised layers cannot hide bugs."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * std)
-    return module.eval()
+from safealign_jax.tiny_pipeline import randomise  # noqa: F401  (the tests' N(0, std) initialiser)
 
 
 def nchw(x_nhwc: np.ndarray) -> torch.Tensor:

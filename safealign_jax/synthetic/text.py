@@ -22,21 +22,9 @@ from safealign_jax.convert.files import write_safetensors
 from safealign_jax.convert.names import state_dict_from_params
 from safealign_jax.errors import check
 from safealign_jax.models.clip import CLIP_NAMES, CLIPTextConfig, CLIPTextModel
+from safealign_jax.tiny_pipeline import byte_symbols
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def _byte_symbols() -> list[str]:
-    """GPT-2 / CLIP's reversible byte -> printable character table, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            symbols[b] = chr(b)
-        else:
-            symbols[b] = chr(256 + extra)
-            extra += 1
-    return [symbols[b] for b in range(256)]
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -77,7 +65,7 @@ def write_tokenizer(folder: str, words: list[str], max_length: int) -> dict[str,
     os.makedirs(folder, exist_ok=True)
     words = sorted({w.lower() for w in words})
     merges = word_merges(words)
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols]
     for a, b in merges:
         if a + b not in tokens:
