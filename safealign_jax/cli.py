@@ -113,7 +113,7 @@ def _enable_compilation_cache() -> str | None:
         status(f"warning: no compilation cache ({folder}: {e.strerror})")
         return None
     if "jax" in sys.modules:
-        from safealign_jax.bench.cache import enable_compilation_cache
+        from safealign_jax.perf.cache import enable_compilation_cache
 
         return enable_compilation_cache(folder)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = folder

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import pytest
 from train_helper import run, tiny_config
 
-from safealign_jax.bench.flops import count_flops, model_flops
-from safealign_jax.bench.peak import Peak, datasheet_peak, measured_peak, mfu
 from safealign_jax.models import UNet2DConditionModel, UNetConfig
 from safealign_jax.models.attention import attend
 from safealign_jax.models.load import param_count
+from safealign_jax.perf.flops import count_flops, model_flops
+from safealign_jax.perf.peak import Peak, datasheet_peak, measured_peak, mfu
 
 
 def test_matmul_and_conv_flops_by_hand():

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import jax
 import optax
 
-from safealign_jax.bench.flops import model_flops
+from safealign_jax.perf.flops import model_flops
 from safealign_jax.train import loop
 from safealign_jax.train import mesh as mesh_lib
 from safealign_jax.train import state as state_lib

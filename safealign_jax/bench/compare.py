@@ -119,9 +119,9 @@ class JaxTrain:
         from jax.sharding import Mesh
 
         from safealign_jax.bench.build import build_train_step, step_model_flops
-        from safealign_jax.bench.flops import count_flops
-        from safealign_jax.bench.peak import device_peak
         from safealign_jax.models import load_unet
+        from safealign_jax.perf.flops import count_flops
+        from safealign_jax.perf.peak import device_peak
         from safealign_jax.train import mesh as mesh_lib
         from safealign_jax.train.model import unet_module
 

@@ -10,7 +10,7 @@ the benchmark's sizes, dtypes, remat, attention, LoRA and AdamW), theirs the off
 (diffusers + peft, SDPA, bf16 autocast on GPU), eager and torch.compile; then sampling (our
 `pipeline.generate` vs diffusers, DDIM + CFG). Each side in its own process pinned to the same
 CPUs, timed repeats alternating between the sides. Writes workdir/benchmark.json and prints a
-markdown table. FLOPs: one jaxpr count of the step (`bench.flops.model_flops`); MFU against
+markdown table. FLOPs: one jaxpr count of the step (`perf.flops.model_flops`); MFU against
 the datasheet peak (GPU / TPU) or a measured fp32 matmul peak (CPU), named in the report.
 
 mode=memory (`safealign_jax.bench.memory`): AOT-compiles the train step of

@@ -24,10 +24,10 @@ import jax
 import numpy as np
 
 from safealign_jax import adapter, cli, gated, lora
-from safealign_jax.bench.cache import enable_compilation_cache
-from safealign_jax.bench.flops import model_flops
-from safealign_jax.bench.peak import Peak, device_peak
 from safealign_jax.errors import UserError
+from safealign_jax.perf.cache import enable_compilation_cache
+from safealign_jax.perf.flops import model_flops
+from safealign_jax.perf.peak import Peak, device_peak
 from safealign_jax.runs import Checkpoints, abstract_like
 from safealign_jax.train import mesh as mesh_lib
 from safealign_jax.train import objective, reliability
@@ -170,7 +170,7 @@ def winner_warning(records: list[dict]) -> str | None:
 
 def make_step_fn(config, module, optimizer):
     """The train step of `config` for `module` (`step.make_train_step` of the objective's loss);
-    the one build shared by the trainer and `safealign_jax.bench` (benchmark, memory, FLOPs)."""
+    the one build shared by the trainer and `safealign_jax.bench` (benchmark, memory)."""
     schedule = objective.training_schedule(config.model.path, config.model.prediction_type)
     loss_fn = objective.make_loss_fn(module, lora_config(config).scale, schedule, config.dpo.beta,
                                      config.psa.scale, train_gated_experts=config.psa.gated.train_experts,
@@ -218,7 +218,7 @@ class _Stage:
 
 def speed(steps: int, seconds: float, global_pairs: int, flops: int, peak: Peak) -> dict:
     """The log step's speed over its `steps` steps: pairs/s, TFLOP/s (model FLOPs, all devices)
-    and MFU against the peak of all devices (`bench.peak`: datasheet, or measured on CPU)."""
+    and MFU against the peak of all devices (`perf.peak`: datasheet, or measured on CPU)."""
     tflops = steps * flops / seconds / 1e12
     return {"pairs_per_s": steps * global_pairs / seconds, "tflops_per_s": tflops,
             "mfu": tflops * 1e12 / (peak.flops * jax.device_count())}
