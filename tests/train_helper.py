@@ -7,12 +7,13 @@ JOBS_JSON: a list of {"workdir": str, "out": str (.npz, written by process 0), "
 out with suffix .json instead.
 """
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from safealign_jax.configs import train as train_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,17 +32,9 @@ def without_speed(line: str) -> dict:
 
 
 def tiny_config(overrides: dict):
-    spec = importlib.util.spec_from_file_location("train_config", ROOT / "configs/train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = train_configs.get_config("tiny")
     config.train.progress_bar = False
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 

@@ -11,6 +11,8 @@ saved, and loaded by `load_unet`, so both sides run identical weights. See BENCH
 
 import ml_collections
 
+from safealign_jax.configs import choose_preset
+
 PRESETS = ("tiny", "sd15", "sdxl")
 
 # diffusers UNet2DConditionModel configs.
@@ -47,9 +49,7 @@ SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or "tiny"
-    if preset not in PRESETS:
-        raise ValueError(f"configs/benchmark.py:{preset}: unknown preset (expected one of {PRESETS}).")
+    preset = choose_preset("benchmark", arg, PRESETS)
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.mode = "compare"  # compare (both sides timed) | memory (XLA's memory analysis of our step only)

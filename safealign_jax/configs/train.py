@@ -23,13 +23,13 @@ deltas instead (psa.gated.experts: one LoRA / delta run per category; README "Us
 
 import ml_collections
 
+from safealign_jax.configs import choose_preset
+
 PRESETS = ("tiny", "sd15", "sd21", "sdxl", "psa_sd15", "psa_sdxl")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or "tiny"
-    if preset not in PRESETS:
-        raise ValueError(f"configs/train.py:{preset}: unknown preset (expected one of {PRESETS}).")
+    preset = choose_preset("train", arg, PRESETS)
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.seed = 0
@@ -136,7 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distributed.shutdown_timeout_s = 300
 
     c.experts = ml_collections.ConfigDict()  # scripts/train_experts.py (SafetyDPO safety experts)
-    c.experts.categories = ""  # comma-separated CoProV2 categories; "" = all seven
+    c.experts.categories = ""  # comma-separated categories of the cache; "" = every one (metadata category_index)
     c.experts.all_single = False  # also train the "all-single" baseline (one LoRA, all categories)
     c.experts.all_single_steps = 0  # its steps; 0 = number of experts x train.steps (equal compute)
 

@@ -97,13 +97,9 @@ def evaluation_cases(world: World, config) -> tuple[list[PromptCase], list[Promp
 
 
 def train_config(template, **overrides):
+    """A copy of `template` with `overrides` ({"a.b": value}, ml_collections' flattened form) set."""
     config = copy.deepcopy(template)
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 
