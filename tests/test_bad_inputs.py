@@ -157,9 +157,11 @@ CASES = [
     # --- scripts/merge.py and scripts/evaluate.py
     case("merge_unknown_output_form", "merge", ["--config.output.form=zip"], ["--config.output.form='zip'"]),
     case("merge_missing_experts", "merge", ["--config.experts={missing}"], ["{missing}"]),
-    case("train_experts_unknown_category", "train_experts",
-         ["--config.data.source=cache", "--config.experts.categories=Hate,Spam"], ["'Spam'", "Hate"],
-         config="configs/train.py:tiny"),
+    case("train_experts_unknown_category", "train_experts", ["--config.data.source=cache",
+         "--config.data.cache_dir={category_cache}", "--config.experts.categories=Hate,Spam"],
+         ["--config.experts.categories", "'Spam'", "'Hate', 'cats on sofas'"], config="configs/train.py:tiny"),
+    case("train_experts_no_cache_dir", "train_experts", ["--config.data.source=cache"],
+         ["--config.data.cache_dir is empty"], config="configs/train.py:tiny"),
     case("train_experts_synthetic_source", "train_experts", [], ["--config.data.source=synthetic"],
          config="configs/train.py:tiny"),
     case("evaluate_unknown_benchmark", "evaluate", ["--config.benchmarks=nope"], ["nope"]),
@@ -175,14 +177,13 @@ def world(tmp_path_factory, tiny_unet_dir, tiny_unet) -> dict:
     from flax import traverse_util
     from pipelines import build_sd
 
-    from safealign_jax import adapter, lora
-    from safealign_jax.train import checkpoint
-    from safealign_jax.trained import save_trained
+    from safealign_jax import adapter, lora, runs
+    from safealign_jax.runs import save_trained
 
     tmp = tmp_path_factory.mktemp("world")
     w = {"missing": str(tmp / "does_not_exist"), "unet": tiny_unet_dir}
     w["pipeline"] = build_sd(tmp)
-    base = {"path": tiny_unet_dir, "sha256": checkpoint.hash_folder(tiny_unet_dir)}
+    base = {"path": tiny_unet_dir, "sha256": runs.hash_folder(tiny_unet_dir)}
     _, params = tiny_unet
     trained_config = {"lora": {"rank": 2, "alpha": 2.0}, "psa": {"scale": 1.0}}
     tree = lora.init(jax.random.key(0), params, lora.LoRAConfig(rank=2, alpha=2.0))
@@ -222,7 +223,7 @@ def world(tmp_path_factory, tiny_unet_dir, tiny_unet) -> dict:
     w["no_vae_pipeline"] = str(no_vae)
     # training workdirs holding a checkpoint of another config / another base model
     for name, sha in (("train_workdir_other_config", base["sha256"]), ("train_workdir_other_base_model", "0" * 64)):
-        ckpts = checkpoint.Checkpoints(str(tmp / "out" / name), keep=1, async_save=False)
+        ckpts = runs.Checkpoints(str(tmp / "out" / name), keep=1, async_save=False)
         ckpts.save(1, {"step": np.int32(1)}, {"lora": {"rank": 2, "alpha": 2.0},
                                               "optim": {"name": "adamw", "grad_accum": 1, "clip_norm": 1.0}},
                    {"index": 1}, {"path": "/elsewhere/unet", "sha256": sha})
@@ -251,12 +252,26 @@ def world(tmp_path_factory, tiny_unet_dir, tiny_unet) -> dict:
     (tmp / "pairs" / "pairs.csv").write_text("prompt,chosen,rejected\na cat,a.png,b.png\na dog,c.png,d.png\n")
     w["pairs_missing_images"] = str(tmp / "pairs" / "pairs.csv")
     w["tfds_dir"] = str(tmp / "tfds")
+    w["category_cache"] = category_cache(tmp / "category_cache", ["Hate", "cats on sofas"])
     # an output path that cannot be created: its parent is a file
     (tmp / "a_file").write_text("")
     w["a_file"] = str(tmp / "a_file")
     w["unwritable"] = str(tmp / "a_file" / "out")
     w["out"] = str(tmp / "out")
     return w
+
+
+def category_cache(folder: Path, names: list[str]) -> str:
+    """The metadata of a latent cache with these categories (no shards): what train_experts reads."""
+    import json
+
+    from safealign_jax.data import cache
+
+    folder.mkdir()
+    (folder / cache.METADATA).write_text(json.dumps(
+        {"format": cache.FORMAT, "shards": [], "category_index": {n: [i] for i, n in enumerate(names)}}))
+    (folder / cache.EMPTY).write_bytes(cache.pack({"encoder_hidden_states": np.zeros((2, 4), np.float32)}))
+    return str(folder)
 
 
 def fill(text: str, world: dict) -> str:
