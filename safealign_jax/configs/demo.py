@@ -92,13 +92,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.psa.train.psa.scale = 1.0
     # User-gated variant: the closed-form edit of each category, weighted by g(u) = sigmoid(W u + b);
     # only W and b train (E x C + C numbers: a large learning rate), on the same user-conditioned
-    # pairs, category-routed (each pair trains only its category's gate: unrouted, the other
-    # categories' pairs closed 3 of 7 gates for every user in the default world). A low beta keeps
-    # the loss off saturation, so a gate keeps learning from pairs it already ranks correctly.
-    c.psa.gated = _expert(steps=600, lr=5e-2, beta=5.0)
+    # pairs. Gates start closed (sigmoid(-3) = 0.05), so the policy starts near the reference.
+    # Category routing (psa.gated.route) is off: in the default world it opens the gates the
+    # unrouted loss keeps shut (pass 0.67-0.77 -> 0.92-0.97) but leaves allowed categories' gates
+    # partly open (over-suppression +0.14..0.45), and on the quick world it raised over-suppression
+    # from +0.05 to +0.11 (docs/DEMO.md, "User-gated PSA: what was tried").
+    c.psa.gated = _expert(steps=600, lr=5e-2, beta=50.0)
     c.psa.gated.psa.variant = "gated"
-    c.psa.gated.psa.gated.init_bias = 0.0
-    c.psa.gated.psa.gated.route = True
+    c.psa.gated.psa.gated.init_bias = -3.0
+    c.psa.gated.psa.gated.route = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.scenes_per_concept = 4  # x 2 held-out phrasings
