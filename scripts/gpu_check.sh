@@ -6,8 +6,9 @@
 #
 # 1. cuDNN flash attention against the fp64 reference (bf16), the only test that needs a GPU;
 # 2. compiled memory of the sd15 step at 16 pairs/device (target <= 80 GB) and of the sdxl step
-#    at 4 pairs/device (target <= 80 GB), XLA's memory analysis on the GPU;
-# 3. sd15 (512 px, 4 pairs) and sdxl (1024 px, 1 pair, remat full) train steps, bf16, attention
+#    at 4 pairs/device (target <= 80 GB; remat per layer, the preset, then per block to compare),
+#    XLA's memory analysis on the GPU;
+# 3. sd15 (512 px, 4 pairs) and sdxl (1024 px, 1 pair, remat per layer) train steps, bf16, attention
 #    "auto" (= cuDNN): pairs/s, TFLOP/s, MFU against the 989 TFLOP/s datasheet peak, peak memory,
 #    and the ratio to the PyTorch recipe (diffusers + peft, SDPA, bf16 autocast), eager.
 # Results: OUT/*/memory.json, OUT/*/benchmark.json, one log per step and OUT/summary.txt.
@@ -36,6 +37,8 @@ step 120 "sd15 memory 16 pairs" $PY scripts/benchmark.py --config configs/benchm
   --config.mode=memory --workdir "$OUT/sd15_memory"
 step 120 "sdxl memory 4 pairs" $PY scripts/benchmark.py --config configs/benchmark.py:sdxl \
   --config.mode=memory --workdir "$OUT/sdxl_memory"
+step 90 "sdxl memory 4 pairs, remat per block" $PY scripts/benchmark.py --config configs/benchmark.py:sdxl \
+  --config.mode=memory --config.remat_policy=full --workdir "$OUT/sdxl_memory_per_block"
 step 150 "sd15 step vs torch 4 pairs" $PY scripts/benchmark.py --config configs/benchmark.py:sd15 $FAST \
   --workdir "$OUT/sd15"
 step 200 "sdxl step vs torch 1 pair" $PY scripts/benchmark.py --config configs/benchmark.py:sdxl $FAST \

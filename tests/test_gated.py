@@ -130,17 +130,23 @@ class Toy(nn.Module):
         return Dense(sample.shape[-1], use_bias=False, name="proj")(sample)
 
 
-def test_dpo_gradient_opens_the_gate_of_a_helpful_category():
-    """x0-prediction, x_w = 3, x_l = 0: the delta c I moves the winner's prediction c x_t towards
-    x_w (d m_w / dc = -2 sqrt(abar) 9 + noise terms) and leaves the loser's error flat in
-    expectation, so its gate's gradient is negative (descent opens it); for -c I it is positive."""
-    module = Toy()
+def toy_gated_dpo():
+    """(Toy module, its params, a gated tree over the deltas +0.2 I and -0.2 I, a batch of 8 pairs
+    with x_w = 3, x_l = 0 and positive user embeddings)."""
     params = {"proj": {"kernel": jnp.zeros((4, 4))}}
     eye = 0.2 * np.eye(4, dtype=np.float32)
     tree = gated.init([{"proj": {"delta": eye}}, {"proj": {"delta": -eye}}], EMBED)
     users = jnp.asarray(np.abs(np.random.default_rng(4).standard_normal((8, EMBED))) + 0.1, jnp.float32)
     batch = {"latents_w": 3.0 * jnp.ones((8, 8, 8, 4)), "latents_l": jnp.zeros((8, 8, 8, 4)),
              "encoder_hidden_states": jnp.zeros((8, 1, 4)), "user_embedding": users}
+    return Toy(), params, tree, batch
+
+
+def test_dpo_gradient_opens_the_gate_of_a_helpful_category():
+    """x0-prediction, x_w = 3, x_l = 0: the delta c I moves the winner's prediction c x_t towards
+    x_w (d m_w / dc = -2 sqrt(abar) 9 + noise terms) and leaves the loser's error flat in
+    expectation, so its gate's gradient is negative (descent opens it); for -c I it is positive."""
+    module, params, tree, batch = toy_gated_dpo()
     schedule = objective.training_schedule("", "sample")
     loss_fn = objective.make_loss_fn(module, 1.0, schedule, 50.0, train_gated_experts=False)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)({"gated": tree}, params, batch,
@@ -170,14 +176,8 @@ def test_routed_gates_learn_only_from_their_own_categorys_pairs():
     """Every pair is about category 0: routed, gate 1 gets exactly zero gradient (unrouted it gets
     the same-sized opposite push, as its delta -c I hurts those pairs); the loss with routing
     equals the loss with gate 1 closed by hand; a routed loss without category_index is refused."""
-    module = Toy()
-    params = {"proj": {"kernel": jnp.zeros((4, 4))}}
-    eye = 0.2 * np.eye(4, dtype=np.float32)
-    tree = gated.init([{"proj": {"delta": eye}}, {"proj": {"delta": -eye}}], EMBED)
-    users = jnp.asarray(np.abs(np.random.default_rng(4).standard_normal((8, EMBED))) + 0.1, jnp.float32)
-    batch = {"latents_w": 3.0 * jnp.ones((8, 8, 8, 4)), "latents_l": jnp.zeros((8, 8, 8, 4)),
-             "encoder_hidden_states": jnp.zeros((8, 1, 4)), "user_embedding": users,
-             "category_index": jnp.zeros((8,), jnp.int32)}
+    module, params, tree, batch = toy_gated_dpo()
+    batch["category_index"] = jnp.zeros((8,), jnp.int32)
     schedule = objective.training_schedule("", "sample")
     routed = objective.make_loss_fn(module, 1.0, schedule, 50.0, train_gated_experts=False, route_gates=True)
     (loss, _), grads = jax.value_and_grad(routed, has_aux=True)({"gated": tree}, params, batch, jax.random.key(0))

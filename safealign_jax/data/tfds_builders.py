@@ -36,6 +36,28 @@ def encoded_image() -> tfds.features.Tensor:
     return tfds.features.Tensor(shape=(), dtype=np.object_)
 
 
+def _pairs_info(builder, description: str) -> tfds.core.DatasetInfo:
+    """The DatasetInfo of a preference-pairs data set (CoProV2 or a user's table): one example per
+    pair, its prompts, categories and the two encoded images."""
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        description=description,
+        features=tfds.features.FeaturesDict(
+            {
+                "pair_id": tfds.features.Text(),
+                "harmful_prompt": tfds.features.Text(),
+                "safe_prompt": tfds.features.Text(),
+                "categories": tfds.features.Sequence(tfds.features.Text()),
+                "original_categories": tfds.features.Sequence(tfds.features.Text()),
+                "preferred_image": encoded_image(),
+                "rejected_image": encoded_image(),
+            }
+        ),
+        metadata=tfds.core.MetadataDict(),
+        disable_shuffling=True,
+    )
+
+
 def _array_record_only(kwargs: dict) -> dict:
     file_format = kwargs.setdefault("file_format", ARRAY_RECORD)
     if str(getattr(file_format, "value", file_format)) != ARRAY_RECORD:
@@ -95,24 +117,8 @@ class CoProV2Pairs(LocalBuilder):
         super().__init__(**_array_record_only(kwargs))
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="CoProV2 (SafetyDPO) pairs: preferred = image of the safe rewrite, "
-            "rejected = image of the harmful prompt.",
-            features=tfds.features.FeaturesDict(
-                {
-                    "pair_id": tfds.features.Text(),
-                    "harmful_prompt": tfds.features.Text(),
-                    "safe_prompt": tfds.features.Text(),
-                    "categories": tfds.features.Sequence(tfds.features.Text()),
-                    "original_categories": tfds.features.Sequence(tfds.features.Text()),
-                    "preferred_image": encoded_image(),
-                    "rejected_image": encoded_image(),
-                }
-            ),
-            metadata=tfds.core.MetadataDict(),
-            disable_shuffling=True,
-        )
+        return _pairs_info(self, "CoProV2 (SafetyDPO) pairs: preferred = image of the safe rewrite, "
+                                 "rejected = image of the harmful prompt.")
 
     def _sources(self, dl_manager) -> tuple[Path, Path | None, list[Path]]:
         if self._table is not None:
@@ -269,23 +275,7 @@ class PreferencePairs(LocalBuilder):
         super().__init__(**_array_record_only(kwargs))
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Preference pairs from a user table: preferred = chosen, rejected = rejected.",
-            features=tfds.features.FeaturesDict(
-                {
-                    "pair_id": tfds.features.Text(),
-                    "harmful_prompt": tfds.features.Text(),
-                    "safe_prompt": tfds.features.Text(),
-                    "categories": tfds.features.Sequence(tfds.features.Text()),
-                    "original_categories": tfds.features.Sequence(tfds.features.Text()),
-                    "preferred_image": encoded_image(),
-                    "rejected_image": encoded_image(),
-                }
-            ),
-            metadata=tfds.core.MetadataDict(),
-            disable_shuffling=True,
-        )
+        return _pairs_info(self, "Preference pairs from a user table: preferred = chosen, rejected = rejected.")
 
     def _split_generators(self, dl_manager):
         if self._table is None:
