@@ -12,6 +12,7 @@ one; it yields this process's rows of each global batch (all rows on a single ho
 `train.pairs_per_device x devices` pairs.
 """
 
+import abc
 from typing import Protocol
 
 import numpy as np
@@ -29,7 +30,7 @@ class BatchSource(Protocol):
     def set_state(self, state: dict) -> None: ...
 
 
-class SeededBatches:
+class SeededBatches(abc.ABC):
     """A source whose global batch i is drawn by `draw(np.random.default_rng([seed, i]), rows)`:
     every process draws the same global batch and keeps its `rows`, so results do not depend on
     how many processes feed it; the state is the batch index."""
@@ -38,9 +39,9 @@ class SeededBatches:
         self.seed, self.global_rows, self.rows = seed, global_rows, rows
         self.index = 0
 
+    @abc.abstractmethod
     def draw(self, rng: np.random.Generator, n: int) -> dict:
         """The global batch of `n` rows (dict of arrays, or of dicts of arrays)."""
-        raise NotImplementedError
 
     def __iter__(self):
         return self

@@ -129,10 +129,10 @@ def initial_lora(config, params) -> dict:
         return lora.init(key, params, lora_config(config))
     from safealign_jax.trained import load_trained
 
-    start = load_trained(config.lora.init_from)
-    if start.lora is None and start.delta is None:
+    start = load_trained(config.lora.init_from).trainable
+    if start.kind not in ("lora", "delta"):
         raise UserError(f"--config.lora.init_from={config.lora.init_from}: the run holds no LoRA or delta.")
-    tree = start.delta if start.lora is None else lora.delta(start.lora, start.lora_scale)
+    tree = start.delta()
     lora.check_fits(params, tree, f"--config.lora.init_from={config.lora.init_from}")
     return lora.from_delta(key, params, lora_config(config), tree)
 
