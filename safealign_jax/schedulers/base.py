@@ -1,4 +1,5 @@
-"""The interface every sampler implements, and the config fields all of them read.
+"""The interface every sampler implements, the fields and defaults the samplers here share
+(`SamplerTables`), and the config fields all of them read.
 
 A sampler is a pytree (per-step tables as (n,) float32 arrays, settings as static fields),
 built once on the host for a fixed number of steps n, so that a whole sampling loop is one
@@ -17,6 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +52,34 @@ class Sampler(Protocol):
         key: jax.Array | None,
     ) -> tuple[jax.Array, Any]:
         """(x at step i+1, new state) from the model output for x at step i; x's shape and dtype."""
+
+
+@flax.struct.dataclass(kw_only=True)
+class SamplerTables:
+    """What every sampler pytree here holds beside its own per-step tables, and the defaults of a
+    sampler that carries no state and feeds the model the latents unscaled.
+
+    Attributes:
+      timesteps: (n,) float32 model timesteps, one per step (or model call).
+      prediction_type: static, what the model predicts ("epsilon", "v_prediction", "sample").
+      init_noise_sigma: static scale of the initial noise.
+    """
+
+    timesteps: jax.Array
+    prediction_type: str = flax.struct.field(pytree_node=False)
+    init_noise_sigma: float = flax.struct.field(pytree_node=False, default=1.0)
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    def init_state(self, x: jax.Array) -> Any:
+        """No state: ()."""
+        return ()
+
+    def scale_model_input(self, state: Any, x: jax.Array, i: jax.Array | int) -> jax.Array:
+        """The latents unscaled."""
+        return x
 
 
 def step_noise(key: jax.Array, x: jax.Array) -> jax.Array:

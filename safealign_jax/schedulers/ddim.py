@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from safealign_jax.errors import UserError
-from safealign_jax.schedulers.base import setup, step_noise
+from safealign_jax.schedulers.base import SamplerTables, setup, step_noise
 from safealign_jax.schedulers.config import COMMON_DEFAULTS, SchedulerConfig
 from safealign_jax.schedulers.timesteps import ddim_timesteps
 
@@ -28,8 +28,9 @@ DEFAULTS = {
 
 
 @flax.struct.dataclass
-class DDIMSampler:
-    """DDIM over n steps; every table is float32 (n,), indexed by the step i.
+class DDIMSampler(SamplerTables):
+    """DDIM over n steps; every table is float32 (n,), indexed by the step i. No state, latents
+    fed unscaled.
 
     Attributes:
       timesteps: model timesteps t_i (integers, descending).
@@ -37,31 +38,16 @@ class DDIMSampler:
       sqrt_alpha_prev: sqrt(a) at the previous timestep t - T // n.
       direction_scale: sqrt(1 - a_prev - std**2), the weight of the predicted noise.
       std: eta * the DDIM posterior standard deviation (zeros when eta = 0).
-      prediction_type, clip_range (None: no clipping of x0), stochastic (eta > 0): static.
+      clip_range (None: no clipping of x0), stochastic (eta > 0): static.
     """
 
-    timesteps: jax.Array
     sqrt_alpha: jax.Array
     sqrt_beta: jax.Array
     sqrt_alpha_prev: jax.Array
     direction_scale: jax.Array
     std: jax.Array
-    prediction_type: str = flax.struct.field(pytree_node=False)
     clip_range: float | None = flax.struct.field(pytree_node=False)
     stochastic: bool = flax.struct.field(pytree_node=False)
-    init_noise_sigma: float = flax.struct.field(pytree_node=False, default=1.0)
-
-    @property
-    def num_steps(self) -> int:
-        return self.timesteps.shape[0]
-
-    def init_state(self, x: jax.Array) -> tuple:
-        """DDIM carries no state."""
-        return ()
-
-    def scale_model_input(self, state: tuple, x: jax.Array, i) -> jax.Array:
-        """DDIM feeds the latents unscaled."""
-        return x
 
     def step(
         self, state: tuple, model_output: jax.Array, i, x: jax.Array, key

@@ -15,31 +15,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safealign_jax.schedulers.base import Setup, setup
+from safealign_jax.schedulers import sigmas as sigma_lib
+from safealign_jax.schedulers.base import SamplerTables, Setup, setup
 from safealign_jax.schedulers.config import COMMON_DEFAULTS, SchedulerConfig
-from safealign_jax.schedulers.sigmas import (
-    interpolate_sigmas,
-    karras_bounds,
-    karras_sigmas,
-    sigma_to_t,
-    train_sigmas,
-)
 from safealign_jax.schedulers.timesteps import dpm_timesteps
 
 # diffusers DPMSolverMultistepScheduler.__init__ defaults of the fields read here. The
 # algorithm fields (algorithm_type, solver_order, solver_type) are fixed by this module.
 DEFAULTS = {
     **COMMON_DEFAULTS,
-    "timestep_spacing": "linspace",
+    **sigma_lib.SIGMA_DEFAULTS,
     "thresholding": False,
     "lower_order_final": True,
     "euler_at_final": False,
-    "use_karras_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
     "use_lu_lambdas": False,
     "use_flow_sigmas": False,
-    "final_sigmas_type": "zero",
     "lambda_min_clipped": -math.inf,
     "variance_type": None,
 }
@@ -48,8 +38,9 @@ KARRAS_BOUNDS = {"sigma_min": None, "sigma_max": None}
 
 
 @flax.struct.dataclass
-class DPMSolverSampler:
-    """DPM-Solver++(2M) over n steps; every table is float32 (n,), indexed by the step i.
+class DPMSolverSampler(SamplerTables):
+    """DPM-Solver++(2M) over n steps; every table is float32 (n,), indexed by the step i. Latents
+    fed unscaled.
 
     With (alpha_i, sigma_i) the signal and noise scales at step i and lambda = log(alpha/sigma):
     x_{i+1} = ratio x_i - phi D0 - half_phi_2 D1, D0 = x0_i, D1 = inv_r0 (x0_i - x0_{i-1}).
@@ -60,30 +51,18 @@ class DPMSolverSampler:
       ratio: sigma_{i+1} / sigma_i.  phi: alpha_{i+1} (exp(-h) - 1), h = lambda_{i+1} - lambda_i.
       half_phi_2: phi / 2 on second-order steps, else 0.
       inv_r0: h / (lambda_i - lambda_{i-1}) on second-order steps, else 0.
-      prediction_type: static.
     """
 
-    timesteps: jax.Array
     alpha: jax.Array
     sigma: jax.Array
     ratio: jax.Array
     phi: jax.Array
     half_phi_2: jax.Array
     inv_r0: jax.Array
-    prediction_type: str = flax.struct.field(pytree_node=False)
-    init_noise_sigma: float = flax.struct.field(pytree_node=False, default=1.0)
-
-    @property
-    def num_steps(self) -> int:
-        return self.timesteps.shape[0]
 
     def init_state(self, x: jax.Array) -> jax.Array:
         """The previous step's x0 prediction: float32 zeros shaped like x (unused at step 0)."""
         return jnp.zeros(x.shape, jnp.float32)
-
-    def scale_model_input(self, state: jax.Array, x: jax.Array, i) -> jax.Array:
-        """DPM-Solver feeds the latents unscaled."""
-        return x
 
     def step(
         self, state: jax.Array, model_output: jax.Array, i, x: jax.Array, key
@@ -114,9 +93,7 @@ def _lambda_clip_timestep(s: Setup, alphas: np.ndarray) -> int:
 def _schedule(s: Setup, num_steps: int, karras: bool) -> tuple[np.ndarray, np.ndarray]:
     """(int64 (n,) timesteps, float32 (n+1,) sigmas ending in the final sigma)."""
     fields = s.fields
-    alphas = s.alphas_cumprod.copy()
-    if fields["rescale_betas_zero_snr"]:
-        alphas[-1] = 2.0**-24
+    alphas = sigma_lib.sigma_alphas(s.alphas_cumprod, fields["rescale_betas_zero_snr"])
     last_timestep = _lambda_clip_timestep(s, alphas)
     if last_timestep < num_steps:
         raise s.config.error(
@@ -127,22 +104,16 @@ def _schedule(s: Setup, num_steps: int, karras: bool) -> tuple[np.ndarray, np.nd
     timesteps = dpm_timesteps(
         s.spacing, s.num_train_timesteps, num_steps, s.steps_offset, last_timestep
     )
-    base = train_sigmas(alphas)
+    base = sigma_lib.train_sigmas(alphas)
     if karras:
-        bounds = [
-            None if fields[name] is None else s.config.number(fields, name)
-            for name in ("sigma_min", "sigma_max")
-        ]
-        descending = base[::-1].copy()
-        sigmas = karras_sigmas(*karras_bounds(*bounds, descending), num_steps)
-        timesteps = sigma_to_t(sigmas, np.log(base))
+        bounds = sigma_lib.config_sigma_bounds(s.config, fields)
+        sigmas, timesteps = sigma_lib.karras_grid(bounds, base[::-1].copy(), base, num_steps)
         if fields["beta_schedule"] != "squaredcos_cap_v2":
             timesteps = timesteps.round()
     else:
-        sigmas = interpolate_sigmas(timesteps, base)
-    final = s.config.choice(fields, "final_sigmas_type", ("zero", "sigma_min"))
-    last = np.sqrt((1 - alphas[0]) / alphas[0]) if final == "sigma_min" else 0.0
-    return timesteps.astype(np.int64), np.concatenate([sigmas, [last]]).astype(np.float32)
+        sigmas = sigma_lib.interpolate_sigmas(timesteps, base)
+    final = s.config.choice(fields, "final_sigmas_type", sigma_lib.FINAL_SIGMAS)
+    return timesteps.astype(np.int64), sigma_lib.with_final_sigma(sigmas, alphas, final)
 
 
 def _first_order(s: Setup, n: int) -> np.ndarray:
@@ -165,13 +136,8 @@ def make_dpm_solver(
     """DPM-Solver++(2M) from a scheduler config; Karras sigmas when `karras` or the config's
     `use_karras_sigmas` is set."""
     s = setup(config, {**DEFAULTS, **KARRAS_BOUNDS}, num_steps, "dpmpp_2m")
-    for name in (
-        "thresholding",
-        "use_exponential_sigmas",
-        "use_beta_sigmas",
-        "use_lu_lambdas",
-        "use_flow_sigmas",
-    ):
+    sigma_lib.require_plain_sigmas(config, s.fields, "dpmpp_2m")
+    for name in ("thresholding", "use_lu_lambdas", "use_flow_sigmas"):
         config.require(s.fields, name, False, "dpmpp_2m")
     if s.fields["variance_type"] in ("learned", "learned_range"):
         raise config.error(

@@ -10,61 +10,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safealign_jax.schedulers.base import Setup, setup, step_noise
+from safealign_jax.schedulers import sigmas as sigma_lib
+from safealign_jax.schedulers.base import SamplerTables, Setup, setup, step_noise
 from safealign_jax.schedulers.config import COMMON_DEFAULTS, SchedulerConfig
-from safealign_jax.schedulers.sigmas import (
-    interpolate_sigmas,
-    karras_bounds,
-    karras_sigmas,
-    sigma_to_t,
-    train_sigmas,
-)
 from safealign_jax.schedulers.timesteps import euler_timesteps
 
 # diffusers EulerDiscreteScheduler.__init__ defaults of the fields read here.
 DEFAULTS = {
     **COMMON_DEFAULTS,
-    "timestep_spacing": "linspace",
+    **sigma_lib.SIGMA_DEFAULTS,
     "interpolation_type": "linear",
-    "use_karras_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
     "sigma_min": None,
     "sigma_max": None,
     "timestep_type": "discrete",
-    "final_sigmas_type": "zero",
 }
 # diffusers EulerAncestralDiscreteScheduler.__init__ defaults of the fields read here.
 ANCESTRAL_DEFAULTS = {**COMMON_DEFAULTS, "timestep_spacing": "linspace"}
 
 
 @flax.struct.dataclass
-class EulerSampler:
-    """Euler over n steps; every table is float32 (n,), indexed by the step i.
+class EulerSampler(SamplerTables):
+    """Euler over n steps; every table is float32 (n,), indexed by the step i. No state.
 
     Attributes:
       timesteps: model timesteps (fractional for "linspace" and Karras grids).
       sigma: noise level sigma_i of the latents at step i.
       sigma_to: where the Euler step lands: sigma_{i+1}, or sigma_down for ancestral.
       sigma_up: standard deviation of the fresh noise added (ancestral only, else zeros).
-      prediction_type, ancestral, init_noise_sigma: static.
+      ancestral: static.
     """
 
-    timesteps: jax.Array
     sigma: jax.Array
     sigma_to: jax.Array
     sigma_up: jax.Array
-    prediction_type: str = flax.struct.field(pytree_node=False)
     ancestral: bool = flax.struct.field(pytree_node=False)
-    init_noise_sigma: float = flax.struct.field(pytree_node=False)
-
-    @property
-    def num_steps(self) -> int:
-        return self.timesteps.shape[0]
-
-    def init_state(self, x: jax.Array) -> tuple:
-        """Euler carries no state."""
-        return ()
 
     def scale_model_input(self, state: tuple, x: jax.Array, i) -> jax.Array:
         """x / sqrt(sigma_i**2 + 1): the model's x_t for latents x (B, H, W, C)."""
@@ -108,17 +87,13 @@ def _schedule(
     karras: Karras grid between `bounds` (sigma_min, sigma_max; None: the grid's own ends).
     final_sigma: "zero" or "sigma_min" (the smallest training sigma).
     """
-    alphas = s.alphas_cumprod.copy()
-    if s.fields["rescale_betas_zero_snr"]:
-        alphas[-1] = 2.0**-24
-    base = train_sigmas(alphas)
+    alphas = sigma_lib.sigma_alphas(s.alphas_cumprod, s.fields["rescale_betas_zero_snr"])
+    base = sigma_lib.train_sigmas(alphas)
     timesteps = euler_timesteps(s.spacing, s.num_train_timesteps, num_steps, s.steps_offset)
-    sigmas = interpolate_sigmas(timesteps, base)
+    sigmas = sigma_lib.interpolate_sigmas(timesteps, base)
     if karras:
-        sigmas = karras_sigmas(*karras_bounds(*bounds, sigmas), num_steps)
-        timesteps = sigma_to_t(sigmas, np.log(base))
-    last = np.sqrt((1 - alphas[0]) / alphas[0]) if final_sigma == "sigma_min" else 0.0
-    return timesteps.astype(np.float32), np.concatenate([sigmas, [last]]).astype(np.float32)
+        sigmas, timesteps = sigma_lib.karras_grid(bounds, sigmas, base, num_steps)
+    return timesteps.astype(np.float32), sigma_lib.with_final_sigma(sigmas, alphas, final_sigma)
 
 
 def make_euler(config: SchedulerConfig, num_steps: int) -> EulerSampler:
@@ -127,20 +102,15 @@ def make_euler(config: SchedulerConfig, num_steps: int) -> EulerSampler:
     s = setup(config, DEFAULTS, num_steps, "euler")
     fields = s.fields
     config.require(fields, "interpolation_type", "linear", "euler")
-    config.require(fields, "use_exponential_sigmas", False, "euler")
-    config.require(fields, "use_beta_sigmas", False, "euler")
+    sigma_lib.require_plain_sigmas(config, fields, "euler")
     if s.prediction_type == "v_prediction":
         config.require(fields, "timestep_type", "discrete", "euler with v_prediction")
-    bounds = tuple(
-        None if fields[name] is None else config.number(fields, name)
-        for name in ("sigma_min", "sigma_max")
-    )
     timesteps, sigmas = _schedule(
         s,
         num_steps,
         karras=config.flag(fields, "use_karras_sigmas"),
-        bounds=bounds,
-        final_sigma=config.choice(fields, "final_sigmas_type", ("zero", "sigma_min")),
+        bounds=sigma_lib.config_sigma_bounds(config, fields),
+        final_sigma=config.choice(fields, "final_sigmas_type", sigma_lib.FINAL_SIGMAS),
     )
     return EulerSampler(
         timesteps=jnp.asarray(timesteps),

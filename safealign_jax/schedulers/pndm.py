@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safealign_jax.schedulers.base import setup
+from safealign_jax.schedulers.base import SamplerTables, setup
 from safealign_jax.schedulers.config import COMMON_DEFAULTS, SchedulerConfig
 from safealign_jax.schedulers.timesteps import ddim_timesteps
 
@@ -44,8 +44,9 @@ ADAMS_BASHFORTH = (
 
 
 @flax.struct.dataclass
-class PNDMSampler:
-    """PNDM (PLMS) over n + 1 model calls; every table is float32, indexed by the call i.
+class PNDMSampler(SamplerTables):
+    """PNDM (PLMS) over n + 1 model calls; every table is float32, indexed by the call i. Latents
+    fed unscaled.
 
     Attributes:
       timesteps: (m,) model timesteps of the calls (integers, see the module docstring).
@@ -54,10 +55,9 @@ class PNDMSampler:
       restart: (m,) 1 where the call starts from call 0's latents (call 1).
       sample_coeff, eps_coeff: (m,) x' = sample_coeff x - eps_coeff e.
       sqrt_alpha, sqrt_beta: (m,) sqrt(a_t), sqrt(1 - a_t) at the move's start t (v -> e).
-      prediction_type: static ("epsilon" or "v_prediction").
+      prediction_type: "epsilon" or "v_prediction".
     """
 
-    timesteps: jax.Array
     weights: jax.Array
     keep: jax.Array
     restart: jax.Array
@@ -65,20 +65,10 @@ class PNDMSampler:
     eps_coeff: jax.Array
     sqrt_alpha: jax.Array
     sqrt_beta: jax.Array
-    prediction_type: str = flax.struct.field(pytree_node=False)
-    init_noise_sigma: float = flax.struct.field(pytree_node=False, default=1.0)
-
-    @property
-    def num_steps(self) -> int:
-        return self.timesteps.shape[0]
 
     def init_state(self, x: jax.Array) -> tuple[jax.Array, ...]:
         """(three previous kept outputs newest first, call 0's latents): float32 zeros like x."""
         return tuple(jnp.zeros(x.shape, jnp.float32) for _ in range(4))
-
-    def scale_model_input(self, state: tuple, x: jax.Array, i) -> jax.Array:
-        """PNDM feeds the latents unscaled."""
-        return x
 
     def step(
         self, state: tuple, model_output: jax.Array, i, x: jax.Array, key
