@@ -177,6 +177,19 @@ def pair_noise(
     return noised_with, noise, t
 
 
+def _noised(
+    key: jax.Array, latents: tuple[jax.Array, ...], schedule: DDPMSchedule, options: DPOOptions
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(model input, target, t) of the latents [x_1; ...; x_k] stacked (each (B, H, W, C), float32
+    (kB, ...) outputs, t (kB,)): row b of every x_i noised with the same eps and t, drawn by
+    `pair_noise` with the options' noise settings."""
+    noised_with, noise, t = pair_noise(key, latents[0].shape, schedule.num_train_timesteps,
+                                       options.noise_offset, options.input_perturbation)
+    noised_with, noise, t = (jnp.concatenate([x] * len(latents)) for x in (noised_with, noise, t))
+    x0 = jnp.concatenate(latents).astype(jnp.float32)
+    return add_noise(schedule, x0, noised_with, t), target(schedule, x0, noise, t), t
+
+
 def _twice(tree):
     """Each array of `tree` (batch first) concatenated with itself: (B, ...) -> (2B, ...)."""
     return jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x]), tree)
@@ -243,12 +256,8 @@ def diffusion_dpo_loss(
         f"batch latents_w {x_w.shape} and latents_l {x_l.shape} must have the same shape.",
     )
     pairs = 2 * x_w.shape[0]
-    noised_with, noise, t = pair_noise(key, x_w.shape, schedule.num_train_timesteps,
-                                       options.noise_offset, options.input_perturbation)
     # the same noise and timestep for x_w (first half) and x_l (second half)
-    t, noise, noised_with = _twice(t), _twice(noise), _twice(noised_with)
-    x0 = jnp.concatenate([x_w, x_l]).astype(jnp.float32)
-    sample, goal = add_noise(schedule, x0, noised_with, t), target(schedule, x0, noise, t)
+    sample, goal, t = _noised(key, (x_w, x_l), schedule, options)
     conditioning = (
         t,
         _twice(batch["encoder_hidden_states"]),
@@ -298,11 +307,7 @@ def diffusion_sft_loss(
     """The SFT baseline on the preferred latents of `batch` (same arguments as
     `diffusion_dpo_loss`; latents_l is ignored; of `options` only the noise options apply).
     One policy call of batch B."""
-    x_w = batch["latents_w"]
-    noised_with, noise, t = pair_noise(key, x_w.shape, schedule.num_train_timesteps,
-                                       options.noise_offset, options.input_perturbation)
-    x0 = x_w.astype(jnp.float32)
-    noisy, goal = add_noise(schedule, x0, noised_with, t), target(schedule, x0, noise, t)
+    noisy, goal, t = _noised(key, (batch["latents_w"],), schedule, options)
     pred = apply_fn(
         {"params": params, **trainable},
         noisy,

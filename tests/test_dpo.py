@@ -55,15 +55,17 @@ def test_dpo_loss_hand_computed():
     expected_loss = neg_log_sigmoid(margin).mean()
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
     assert metrics["loss"] == loss
+    # by hand: the errors sum to 1.10 (policy, winners), 1.00 (policy, losers), 1.07 (reference,
+    # winners) and 1.30 (reference, losers); the margins to 1 - 1.75 + 0 - 7.5 = -8.25
     expected = {
         "implicit_accuracy": (1 + 0 + 0.5 + 0) / 4,
-        "reward_margin": margin.mean(),
-        "mse_w_diff": (policy_w - ref_w).mean(),
-        "mse_l_diff": (policy_l - ref_l).mean(),
-        "mse_policy_w": policy_w.mean(),
-        "mse_policy_l": policy_l.mean(),
-        "mse_ref_w": ref_w.mean(),
-        "mse_ref_l": ref_l.mean(),
+        "reward_margin": -8.25 / 4,
+        "mse_w_diff": (1.10 - 1.07) / 4,
+        "mse_l_diff": (1.00 - 1.30) / 4,
+        "mse_policy_w": 1.10 / 4,
+        "mse_policy_l": 1.00 / 4,
+        "mse_ref_w": 1.07 / 4,
+        "mse_ref_l": 1.30 / 4,
     }
     for name, value in expected.items():
         np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
