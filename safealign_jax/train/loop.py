@@ -53,32 +53,35 @@ def initialize_distributed(config) -> None:
         )
 
 
+def _checked_cache(source, config, module):
+    """`source` (a cache reader) once its text states' width is the UNet's cross-attention width."""
+    if source.empty_embedding.shape[-1] != module.config.cross_attention_dim:
+        raise UserError(f"--config.data.cache_dir={config.data.cache_dir}: text states of width "
+                        f"{source.empty_embedding.shape[-1]}, but the UNet expects "
+                        f"{module.config.cross_attention_dim} (cache made with another pipeline?).")
+    return source
+
+
 def make_source(config, module, global_rows: int, rows: slice):
     """The batch source of `config.data.source` delivering this process's `rows`."""
     if config.data.source == "sage_cache":
         from safealign_jax.data.sage_cache import SageCachedPairs
 
-        source = SageCachedPairs(config.data.cache_dir, config.data.embeddings, seed=config.seed,
-                                 global_rows=global_rows, rows=rows, embed_dim=config.psa.embed_dim,
-                                 flip=config.data.flip, num_threads=config.data.num_threads,
-                                 missing_embedding=config.data.missing_embedding)
-        if source.empty_embedding.shape[-1] != module.config.cross_attention_dim:
-            raise UserError(f"--config.data.cache_dir={config.data.cache_dir}: text states of width "
-                            f"{source.empty_embedding.shape[-1]}, but the UNet expects "
-                            f"{module.config.cross_attention_dim} (cache made with another pipeline?).")
-        return source
+        return _checked_cache(
+            SageCachedPairs(config.data.cache_dir, config.data.embeddings, seed=config.seed,
+                            global_rows=global_rows, rows=rows, embed_dim=config.psa.embed_dim,
+                            flip=config.data.flip, num_threads=config.data.num_threads,
+                            missing_embedding=config.data.missing_embedding),
+            config, module)
     if config.data.source == "cache":
         from safealign_jax.data.cache import CachedPairs
 
-        source = CachedPairs(config.data.cache_dir, seed=config.seed, global_rows=global_rows, rows=rows,
-                             category=config.data.category or None,
-                             both_captions=config.data.both_captions, flip=config.data.flip,
-                             num_threads=config.data.num_threads)
-        if source.empty_embedding.shape[-1] != module.config.cross_attention_dim:
-            raise UserError(f"--config.data.cache_dir={config.data.cache_dir}: text states of width "
-                            f"{source.empty_embedding.shape[-1]}, but the UNet expects "
-                            f"{module.config.cross_attention_dim} (cache made with another pipeline?).")
-        return source
+        return _checked_cache(
+            CachedPairs(config.data.cache_dir, seed=config.seed, global_rows=global_rows, rows=rows,
+                        category=config.data.category or None,
+                        both_captions=config.data.both_captions, flip=config.data.flip,
+                        num_threads=config.data.num_threads),
+            config, module)
     cfg = module.config
     added = None
     if cfg.addition_embed_type == "text_time":
