@@ -5,10 +5,12 @@ half-written folder. Weights: unet/diffusion_pytorch_model[.fp16].safetensors na
 `DIFFUSERS_NAMES`; config.json is the base model's.
 """
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -28,6 +30,21 @@ def _replace_folder(tmp: str, folder: str) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, folder)
+
+
+@contextlib.contextmanager
+def _replacing(folder: str, prefix: str) -> Iterator[str]:
+    """Yields a fresh temporary path beside the absolute `folder` to write the new folder at; it
+    replaces `folder` when the block ends without an error and is removed in any case."""
+    parent = os.path.dirname(folder)
+    check(os.path.isdir(parent), f"{folder}: the parent folder {parent} does not exist.")
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        os.rmdir(tmp)
+        yield tmp
+        _replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_unet(folder: str, config: dict, params: dict, fp16: bool) -> None:
@@ -51,15 +68,8 @@ def save_unet_folder(folder: str, unet_config: dict, params: dict, fp16: bool = 
     Returns {"path", "tensors", "dtype"}.
     """
     folder = os.path.abspath(folder)
-    parent = os.path.dirname(folder)
-    check(os.path.isdir(parent), f"{folder}: the parent folder {parent} does not exist.")
-    tmp = tempfile.mkdtemp(prefix=".tmp-unet-", dir=parent)
-    try:
-        os.rmdir(tmp)
+    with _replacing(folder, ".tmp-unet-") as tmp:
         _write_unet(tmp, unet_config, params, fp16)
-        _replace_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"path": folder, "tensors": len(state_dict_from_params(params, DIFFUSERS_NAMES)),
             "dtype": "float16" if fp16 else "float32"}
 
@@ -85,16 +95,9 @@ def save_pipeline_folder(base_pipeline_folder: str, out_folder: str, params: dic
           f"{base_pipeline_folder}: not a diffusers pipeline folder (no model_index.json).")
     config = read_config(os.path.join(base_pipeline_folder, "unet"))
     out_folder = os.path.abspath(out_folder)
-    parent = os.path.dirname(out_folder)
-    check(os.path.isdir(parent), f"{out_folder}: the parent folder {parent} does not exist.")
-    tmp = tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=parent)
-    try:
-        os.rmdir(tmp)
+    with _replacing(out_folder, ".tmp-pipeline-") as tmp:
         shutil.copytree(base_pipeline_folder, tmp, ignore=shutil.ignore_patterns("unet"),
                         copy_function=_link_or_copy if link else shutil.copy2)
         _write_unet(os.path.join(tmp, "unet"), config, params, fp16)
         components = sorted(e.name for e in os.scandir(tmp) if e.is_dir() and e.name != "unet")
-        _replace_folder(tmp, out_folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"path": out_folder, "dtype": "float16" if fp16 else "float32", "components": components}
