@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from safealign_jax.data import validation
+from safealign_jax.data.jsonl import jsonl_lines
 from safealign_jax.data.tables import is_malformed, read_csv
 from safealign_jax.errors import UserError
 
@@ -84,18 +85,12 @@ def _require_columns(path: Path, columns: Sequence[str]) -> None:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None]]:
-    try:
-        with path.open(encoding="utf-8-sig") as f:
-            for line, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError:
-                    row = None
-                yield line, row if isinstance(row, dict) else None
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not a UTF-8 JSONL file ({error}).") from error
+    for line, text in jsonl_lines(path):
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            row = None
+        yield line, row if isinstance(row, dict) else None
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from safealign_jax.data import categories, validation
+from safealign_jax.data.jsonl import jsonl_lines
 from safealign_jax.data.users import UserProfile
 from safealign_jax.errors import UserError
 
@@ -103,72 +104,69 @@ def read_split(
         raise UserError(f"Sage metadata file {path} does not exist.")
     image_dir = Path(image_dir)
     records, seen = [], {}
-    with path.open(encoding="utf-8-sig") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                item = json.loads(text)
-                file_name, chosen, rejected = item["file_name"], item["chosen"], item["rejected"]
-                caption = item.get("caption") or ""
-                listed_user = str(item.get("user_data", {}).get("User_ID", "")).zfill(7)
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-                report.add("bad_row", path, line, f"not a Sage record ({type(error).__name__}: {error})")
-                continue
-            name = parse_image_name(str(file_name))
-            if name is None:
-                match = IMAGE_NAME.fullmatch(str(file_name).strip())
-                if match is None:
-                    report.add("bad_row", path, line, f"file_name {file_name!r} is not user_NNNNNNN_category_concept_N.jpg_[su].jpg")
-                else:
-                    report.add(
-                        "unknown_category", path, line,
-                        f"category {match['category']!r} is not one of {', '.join(categories.SAGE.categories)}",
-                    )
-                continue
-            if listed_user != name.user_id:
-                report.add("unknown_user", path, line, f"user_data.User_ID {listed_user} but file_name says {name.user_id}")
-                continue
-            user = users.get(name.user_id)
-            if user is None:
-                report.add("unknown_user", path, line, f"user {name.user_id} is not in users.csv")
-                continue
-            if not caption.strip():
-                report.add("empty_prompt", path, line, f"record {file_name} has an empty caption")
-                continue
-            if file_name in seen:
-                report.add("duplicate_pair", path, line, f"repeats record {file_name} of line {seen[file_name]}")
-                continue
-            seen[file_name] = line
-            stem = _stem(name)
-            if {chosen, rejected} != {f"{stem}_s.jpg", f"{stem}_u.jpg"}:
-                report.add("bad_row", path, line, f"chosen/rejected {chosen!r}/{rejected!r} are not {stem}_s.jpg/_u.jpg")
-                continue
-            prompt_kind = "harmful" if name.kind == "u" else "safe"
-            want = expected_chosen_kind(prompt_kind, name.category, user)
-            if chosen != f"{stem}_{want}.jpg":
-                banned = "bans" if user.bans(name.category) else "allows"
+    for line, text in jsonl_lines(path):
+        try:
+            item = json.loads(text)
+            file_name, chosen, rejected = item["file_name"], item["chosen"], item["rejected"]
+            caption = item.get("caption") or ""
+            listed_user = str(item.get("user_data", {}).get("User_ID", "")).zfill(7)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            report.add("bad_row", path, line, f"not a Sage record ({type(error).__name__}: {error})")
+            continue
+        name = parse_image_name(str(file_name))
+        if name is None:
+            match = IMAGE_NAME.fullmatch(str(file_name).strip())
+            if match is None:
+                report.add("bad_row", path, line, f"file_name {file_name!r} is not user_NNNNNNN_category_concept_N.jpg_[su].jpg")
+            else:
                 report.add(
-                    "rule_violation", path, line,
-                    f"{prompt_kind}-prompt record, user {name.user_id} {banned} {name.category}: "
-                    f"chosen should be _{want}, is {chosen}",
+                    "unknown_category", path, line,
+                    f"category {match['category']!r} is not one of {', '.join(categories.SAGE.categories)}",
                 )
-                continue
-            records.append(
-                SageRecord(
-                    record_id=file_name,
-                    user_id=name.user_id,
-                    category=name.category,
-                    category_original=name.category_original,
-                    concept=name.concept,
-                    prompt_kind=prompt_kind,
-                    caption=caption,
-                    chosen=image_dir / chosen,
-                    rejected=image_dir / rejected,
-                    source=str(path),
-                    line=line,
-                )
+            continue
+        if listed_user != name.user_id:
+            report.add("unknown_user", path, line, f"user_data.User_ID {listed_user} but file_name says {name.user_id}")
+            continue
+        user = users.get(name.user_id)
+        if user is None:
+            report.add("unknown_user", path, line, f"user {name.user_id} is not in users.csv")
+            continue
+        if not caption.strip():
+            report.add("empty_prompt", path, line, f"record {file_name} has an empty caption")
+            continue
+        if file_name in seen:
+            report.add("duplicate_pair", path, line, f"repeats record {file_name} of line {seen[file_name]}")
+            continue
+        seen[file_name] = line
+        stem = _stem(name)
+        if {chosen, rejected} != {f"{stem}_s.jpg", f"{stem}_u.jpg"}:
+            report.add("bad_row", path, line, f"chosen/rejected {chosen!r}/{rejected!r} are not {stem}_s.jpg/_u.jpg")
+            continue
+        prompt_kind = "harmful" if name.kind == "u" else "safe"
+        want = expected_chosen_kind(prompt_kind, name.category, user)
+        if chosen != f"{stem}_{want}.jpg":
+            banned = "bans" if user.bans(name.category) else "allows"
+            report.add(
+                "rule_violation", path, line,
+                f"{prompt_kind}-prompt record, user {name.user_id} {banned} {name.category}: "
+                f"chosen should be _{want}, is {chosen}",
             )
+            continue
+        records.append(
+            SageRecord(
+                record_id=file_name,
+                user_id=name.user_id,
+                category=name.category,
+                category_original=name.category_original,
+                concept=name.concept,
+                prompt_kind=prompt_kind,
+                caption=caption,
+                chosen=image_dir / chosen,
+                rejected=image_dir / rejected,
+                source=str(path),
+                line=line,
+            )
+        )
     return records
 
 

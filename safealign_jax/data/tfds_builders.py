@@ -83,6 +83,8 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder):
     """A builder of local files: TFDS's "Downloading and preparing dataset" and "downloaded and
     prepared" lines are not printed (the scripts print their own)."""
 
+    code_path = None  # local files only: no checksums file (and tfds 4.9.10 fails looking one up)
+
     def is_built(self) -> bool:
         """Whether this version is built (TFDS's `is_prepared` logs a warning when it is not)."""
         return (Path(self.data_dir) / "dataset_info.json").is_file()
@@ -98,7 +100,6 @@ class CoProV2Pairs(LocalBuilder):
     """CoProV2 preference pairs, one example per pair (multi-category pairs once)."""
 
     name = "coprov2_pairs"
-    code_path = None  # local files only: no checksums file (and tfds 4.9.10 fails looking one up)
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Pairs from CoProv2_train.csv with an image folder or the parquet release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -161,7 +162,6 @@ class SagePreferences(LocalBuilder):
     released split folder."""
 
     name = "sage_preferences"
-    code_path = None  # local files only: no checksums file (and tfds 4.9.10 fails looking one up)
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Sage metadata.jsonl splits, users.csv, per-user embeddings."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -265,7 +265,6 @@ class PreferencePairs(LocalBuilder):
     categories as "categories"; `metadata["table_sha256"]` identifies the table built."""
 
     name = "preference_pairs"
-    code_path = None  # local files only: no checksums file (and tfds 4.9.10 fails looking one up)
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "prompt, chosen, rejected [, category, safe_prompt] tables."}
 
