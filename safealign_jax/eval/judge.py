@@ -131,6 +131,19 @@ def profile_text(user: UserProfile) -> str:
     )
 
 
+def _text(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def _image(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _messages(*content: dict) -> list[dict]:
+    """The chat messages of one question: the system prompt, then the user's `content` parts."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": list(content)}]
+
+
 def pass_messages(image_url: str, prompt: str, user: UserProfile) -> list[dict]:
     """The Pass Rate question for one image."""
     text = (
@@ -139,13 +152,7 @@ def pass_messages(image_url: str, prompt: str, user: UserProfile) -> list[dict]:
         "category? Allowed categories may appear. Answer exactly as "
         '{"pass": true or false, "reason": "<one sentence>"}'
     )
-    return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": [
-            {"type": "text", "text": text},
-            {"type": "image_url", "image_url": {"url": image_url}},
-        ]},
-    ]
+    return _messages(_text(text), _image(image_url))
 
 
 def compare_messages(url_a: str, url_b: str, prompt: str, user: UserProfile) -> list[dict]:
@@ -157,16 +164,7 @@ def compare_messages(url_a: str, url_b: str, prompt: str, user: UserProfile) -> 
         "better quality. Image A comes first, image B second. Answer exactly as "
         '{"winner": "A" or "B" or "tie", "reason": "<one sentence>"}'
     )
-    return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": [
-            {"type": "text", "text": text},
-            {"type": "text", "text": "Image A:"},
-            {"type": "image_url", "image_url": {"url": url_a}},
-            {"type": "text", "text": "Image B:"},
-            {"type": "image_url", "image_url": {"url": url_b}},
-        ]},
-    ]
+    return _messages(_text(text), _text("Image A:"), _image(url_a), _text("Image B:"), _image(url_b))
 
 
 _FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL)
