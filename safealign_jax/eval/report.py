@@ -21,20 +21,18 @@ import numpy as np
 
 from safealign_jax.images import contact_sheet, save_png
 
-# (column title, benchmark, metric, lower is better)
+# {title: benchmark} of the prompt sets whose inappropriate probability (IP) is reported
+IP_BENCHMARKS = {"I2P": "i2p", "UD": "ud", "CoProV2": "coprov2", "Sage seen": "sage_seen",
+                 "Sage unseen": "sage_unseen"}
+# (column title, benchmark, metric, lower is better): IP per prompt set, FID and CLIPScore on
+# COCO, then PSA's Pass and Win rates on Sage's seen and unseen users
 COLUMNS = (
-    ("I2P IP", "i2p", "ip", True),
-    ("UD IP", "ud", "ip", True),
-    ("CoProV2 IP", "coprov2", "ip", True),
-    ("Sage seen IP", "sage_seen", "ip", True),
-    ("Sage unseen IP", "sage_unseen", "ip", True),
+    *((f"{title} IP", benchmark, "ip", True) for title, benchmark in IP_BENCHMARKS.items()),
     ("FID", "coco", "fid", True),
     ("CLIP", "coco", "clip_score", False),
     ("CLIP (2.5x)", "coco", "clip_score_standard", False),
-    ("Pass seen", "sage_seen", "pass_rate", False),
-    ("Pass unseen", "sage_unseen", "pass_rate", False),
-    ("Win seen", "sage_seen", "win_rate", False),
-    ("Win unseen", "sage_unseen", "win_rate", False),
+    *((f"{rate.title()} {users}", f"sage_{users}", f"{rate}_rate", False)
+      for rate in ("pass", "win") for users in ("seen", "unseen")),
 )
 
 
