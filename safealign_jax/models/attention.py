@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from safealign_jax.errors import UserError
-from safealign_jax.models.layers import Dense, Dtype, conv, group_norm, layer_norm
+from safealign_jax.models.layers import DtypeModule
 from safealign_jax.models.remat import remat
 
 ADAPTER = "adapter"
@@ -165,7 +165,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, upcast: bool = 
     return out.reshape(b, tq, inner)
 
 
-class Attention(nn.Module):
+class Attention(DtypeModule):
     """diffusers `Attention`: to_q/to_k/to_v (no bias) and to_out.0 (bias).
 
     Attributes:
@@ -178,8 +178,6 @@ class Attention(nn.Module):
     out_dim: int
     upcast: bool = False
     attention: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -187,55 +185,42 @@ class Attention(nn.Module):
     ) -> jax.Array:
         """x: (B, T, C); context: (B, S, D) or None for self-attention; user_tokens: (B, N, D)."""
         inner = self.heads * self.dim_head
-        dense = lambda name, bias=False: Dense(  # noqa: E731
-            inner if name != "to_out_0" else self.out_dim,
-            use_bias=bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
         context = x if context is None else context
-        q = dense("to_q")(x)
-        out = attend(q, dense("to_k")(context), dense("to_v")(context), self.heads, self.upcast,
-                     self.attention)
+        q = self.dense(inner, "to_q", use_bias=False)(x)
+        k, v = (self.dense(inner, name, use_bias=False)(context) for name in ("to_k", "to_v"))
+        out = attend(q, k, v, self.heads, self.upcast, self.attention)
         if user_tokens is not None and self.has_variable(ADAPTER, "to_k_ip"):
             u = user_tokens.astype(self.dtype)
             k_ip = jnp.dot(u, self.get_variable(ADAPTER, "to_k_ip").astype(self.dtype))
             v_ip = jnp.dot(u, self.get_variable(ADAPTER, "to_v_ip").astype(self.dtype))
             out = out + attend(q, k_ip, v_ip, self.heads, self.upcast, self.attention)
-        return dense("to_out_0", bias=True)(out)
+        return self.dense(self.out_dim, "to_out_0")(out)
 
 
-class FeedForward(nn.Module):
+class FeedForward(DtypeModule):
     """diffusers `FeedForward` with GEGLU: net.0.proj (dim -> 8 dim), exact GELU gate, net.2."""
 
     dim: int
     mult: int = 4
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        inner = self.dim * self.mult
-        geglu = GEGLU(inner, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")
-        return Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_2")(geglu(x))
+        geglu = GEGLU(self.dim * self.mult, name="net_0", **self.dtypes)
+        return self.dense(self.dim, "net_2")(geglu(x))
 
 
-class GEGLU(nn.Module):
+class GEGLU(DtypeModule):
     """x -> h * gelu(gate) with (h, gate) = split(proj(x))."""
 
     inner: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = Dense(self.inner * 2, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
-        h, gate = jnp.split(h, 2, axis=-1)
+        h, gate = jnp.split(self.dense(self.inner * 2, "proj")(x), 2, axis=-1)
         return h * jax.nn.gelu(gate, approximate=False)
 
 
-class BasicTransformerBlock(nn.Module):
+class BasicTransformerBlock(DtypeModule):
     """Self-attention, cross-attention, GEGLU feed-forward, each pre-LayerNorm and residual."""
 
     dim: int
@@ -243,20 +228,17 @@ class BasicTransformerBlock(nn.Module):
     dim_head: int
     upcast: bool = False
     attention: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, context, user_tokens=None):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = lambda name: Attention(self.heads, self.dim_head, self.dim, self.upcast,  # noqa: E731
-                                      self.attention, name=name, **kw)
-        x = attn("attn1")(layer_norm(1e-5, name="norm1", **kw)(x)) + x
-        x = attn("attn2")(layer_norm(1e-5, name="norm2", **kw)(x), context, user_tokens) + x
-        return FeedForward(self.dim, name="ff", **kw)(layer_norm(1e-5, name="norm3", **kw)(x)) + x
+                                      self.attention, name=name, **self.dtypes)
+        x = attn("attn1")(self.layer_norm(1e-5, "norm1")(x)) + x
+        x = attn("attn2")(self.layer_norm(1e-5, "norm2")(x), context, user_tokens) + x
+        return FeedForward(self.dim, name="ff", **self.dtypes)(self.layer_norm(1e-5, "norm3")(x)) + x
 
 
-class Transformer2DModel(nn.Module):
+class Transformer2DModel(DtypeModule):
     """diffusers `Transformer2DModel` on NHWC features: GroupNorm, proj_in, blocks, proj_out.
 
     Attributes:
@@ -274,28 +256,25 @@ class Transformer2DModel(nn.Module):
     upcast: bool = False
     norm_groups: int = 32
     attention: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     layer_remat: str = "none"
 
     @nn.compact
     def __call__(self, x, context, user_tokens=None):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
         inner = self.heads * self.dim_head
         residual = x
-        x = group_norm(self.norm_groups, 1e-6, name="norm", **kw)(x)
+        x = self.group_norm(self.norm_groups, 1e-6, "norm")(x)
         if self.use_linear_projection:
-            x = Dense(inner, name="proj_in", **kw)(x.reshape(b, h * w, c))
+            x = self.dense(inner, "proj_in")(x.reshape(b, h * w, c))
         else:
-            x = conv(inner, 1, name="proj_in", **kw)(x).reshape(b, h * w, inner)
+            x = self.conv(inner, 1, "proj_in")(x).reshape(b, h * w, inner)
         for i in range(self.num_layers):
             x = remat(BasicTransformerBlock, self.layer_remat)(
                 inner, self.heads, self.dim_head, self.upcast, self.attention,
-                name=f"transformer_blocks_{i}", **kw
+                name=f"transformer_blocks_{i}", **self.dtypes
             )(x, context, user_tokens)
         if self.use_linear_projection:
-            x = Dense(c, name="proj_out", **kw)(x).reshape(b, h, w, c)
+            x = self.dense(c, "proj_out")(x).reshape(b, h, w, c)
         else:
-            x = conv(c, 1, name="proj_out", **kw)(x.reshape(b, h, w, inner))
+            x = self.conv(c, 1, "proj_out")(x.reshape(b, h, w, inner))
         return x + residual

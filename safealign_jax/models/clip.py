@@ -24,7 +24,7 @@ from flax import linen as nn
 from safealign_jax.convert.checkpoint import read_config, read_state_dict
 from safealign_jax.convert.names import NameTable, params_from_state_dict
 from safealign_jax.errors import UserError, check
-from safealign_jax.models.layers import Dense, Dtype, layer_norm
+from safealign_jax.models.layers import Dtype, DtypeModule
 from safealign_jax.models.load import abstract_params, component_folder
 
 CLIP_NAMES = NameTable(frozenset({"layers"}))
@@ -128,98 +128,77 @@ class CLIPTextOutput(NamedTuple):
     text_embeds: jax.Array | None
 
 
-class CLIPAttention(nn.Module):
+class CLIPAttention(DtypeModule):
     """Causal multi-head self-attention with q/k/v/out projections (all with bias)."""
 
     heads: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
         """x: (B, L, D); key_mask: (B, 1, 1, L) bool (True = attend) or None."""
         b, length, width = x.shape
-        dense = lambda name: Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
         split = lambda t: t.reshape(b, length, self.heads, width // self.heads)  # noqa: E731
-        q, k, v = (split(dense(name)(x)) for name in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (split(self.dense(width, name)(x)) for name in ("q_proj", "k_proj", "v_proj"))
         out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=True)
-        return dense("out_proj")(out.reshape(b, length, width))
+        return self.dense(width, "out_proj")(out.reshape(b, length, width))
 
 
-class CLIPMLP(nn.Module):
+class CLIPMLP(DtypeModule):
     """fc1 -> activation -> fc2."""
 
     intermediate_size: int
     hidden_act: str
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = ACTIVATIONS[self.hidden_act](Dense(self.intermediate_size, name="fc1", **kw)(x))
-        return Dense(x.shape[-1], name="fc2", **kw)(h)
+        h = ACTIVATIONS[self.hidden_act](self.dense(self.intermediate_size, "fc1")(x))
+        return self.dense(x.shape[-1], "fc2")(h)
 
 
-class CLIPEncoderLayer(nn.Module):
-    """Pre-LayerNorm residual block: self-attention, then MLP."""
+class CLIPModule(DtypeModule):
+    """A part of the text encoder built from the whole `config`."""
 
     config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+
+
+class CLIPEncoderLayer(CLIPModule):
+    """Pre-LayerNorm residual block: self-attention, then MLP."""
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = layer_norm(cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
-        x = x + CLIPAttention(cfg.num_attention_heads, name="self_attn", **kw)(h, key_mask)
-        h = layer_norm(cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
-        return x + CLIPMLP(cfg.intermediate_size, cfg.hidden_act, name="mlp", **kw)(h)
+        h = self.layer_norm(cfg.layer_norm_eps, "layer_norm1")(x)
+        x = x + CLIPAttention(cfg.num_attention_heads, name="self_attn", **self.dtypes)(h, key_mask)
+        h = self.layer_norm(cfg.layer_norm_eps, "layer_norm2")(x)
+        return x + CLIPMLP(cfg.intermediate_size, cfg.hidden_act, name="mlp", **self.dtypes)(h)
 
 
-class CLIPTextEmbeddings(nn.Module):
+class CLIPTextEmbeddings(CLIPModule):
     """Token embedding plus learned absolute position embedding."""
-
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         cfg = self.config
-        embed = lambda n, name: nn.Embed(  # noqa: E731
-            n, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name
-        )
+        embed = lambda n, name: nn.Embed(n, cfg.hidden_size, name=name, **self.dtypes)  # noqa: E731
         positions = jnp.arange(input_ids.shape[-1])
         token = embed(cfg.vocab_size, "token_embedding")(input_ids)
         return token + embed(cfg.max_position_embeddings, "position_embedding")(positions)[None]
 
 
-class CLIPEncoder(nn.Module):
+class CLIPEncoder(CLIPModule):
     """The stack of layers; returns (last output, output of the layer before it)."""
-
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         previous = x
         for i in range(self.config.num_hidden_layers):
             previous = x
-            x = CLIPEncoderLayer(
-                self.config, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}"
-            )(x, key_mask)
+            x = CLIPEncoderLayer(self.config, name=f"layers_{i}", **self.dtypes)(x, key_mask)
         return x, previous
 
 
-class CLIPTextTransformer(nn.Module):
+class CLIPTextTransformer(CLIPModule):
     """transformers' `text_model`: embeddings, causal encoder, final LayerNorm, eos pooling."""
-
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def pool(self, hidden: jax.Array, input_ids: jax.Array) -> jax.Array:
         """hidden (B, L, D) at each row's end-of-text position, exactly as transformers picks it:
@@ -233,7 +212,6 @@ class CLIPTextTransformer(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None):
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         length = input_ids.shape[-1]
         if length > cfg.max_position_embeddings:
             raise UserError(
@@ -241,31 +219,26 @@ class CLIPTextTransformer(nn.Module):
                 f"{cfg.max_position_embeddings} of this text encoder."
             )
         key_mask = None if attention_mask is None else (attention_mask != 0)[:, None, None, :]
-        x = CLIPTextEmbeddings(cfg, name="embeddings", **kw)(input_ids)
-        x, penultimate = CLIPEncoder(cfg, name="encoder", **kw)(x, key_mask)
-        last = layer_norm(cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)
+        x = CLIPTextEmbeddings(cfg, name="embeddings", **self.dtypes)(input_ids)
+        x, penultimate = CLIPEncoder(cfg, name="encoder", **self.dtypes)(x, key_mask)
+        last = self.layer_norm(cfg.layer_norm_eps, "final_layer_norm")(x)
         return last, penultimate, self.pool(last, input_ids)
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(CLIPModule):
     """CLIPTextModel, or CLIPTextModelWithProjection when `config.with_projection`.
 
     Call: input_ids (B, L) int, attention_mask (B, L) or None -> `CLIPTextOutput`.
     """
 
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        last, penultimate, pooled = CLIPTextTransformer(self.config, name="text_model", **kw)(
+        last, penultimate, pooled = CLIPTextTransformer(self.config, name="text_model", **self.dtypes)(
             input_ids, attention_mask
         )
         text_embeds = None
         if self.config.with_projection:
-            text_embeds = Dense(self.config.projection_dim, use_bias=False, name="text_projection", **kw)(pooled)
+            text_embeds = self.dense(self.config.projection_dim, "text_projection", use_bias=False)(pooled)
         return CLIPTextOutput(last, penultimate, pooled, text_embeds)
 
 

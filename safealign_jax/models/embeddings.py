@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from safealign_jax.models.layers import Dense, Dtype
+from safealign_jax.models.layers import DtypeModule
 
 
 def sdxl_time_ids(batch: int, height: float, width: float | None = None, *, crop: Sequence[float] = (0, 0),
@@ -37,15 +37,11 @@ def timestep_embedding(
     return emb
 
 
-class TimestepEmbedding(nn.Module):
+class TimestepEmbedding(DtypeModule):
     """linear_1 -> SiLU -> linear_2."""
 
     features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.silu(Dense(self.features, name="linear_1", **kw)(x))
-        return Dense(self.features, name="linear_2", **kw)(x)
+        return self.dense(self.features, "linear_2")(nn.silu(self.dense(self.features, "linear_1")(x)))

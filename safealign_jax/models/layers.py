@@ -23,6 +23,8 @@ x^2 over all its input rows ("abs_sum", "sq_sum", (in,) float32) and the row cou
 otherwise nothing is computed.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -113,23 +115,47 @@ def conv(
 
 def group_norm(num_groups: int, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str):
     """GroupNorm over NHWC channels, grouped contiguously exactly as torch.nn.GroupNorm."""
-    return nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        name=name,
-    )
+    return nn.GroupNorm(num_groups=num_groups, **_torch_norm_settings(epsilon, dtype, param_dtype, name))
 
 
 def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = True):
     """LayerNorm over the last axis, as torch.nn.LayerNorm."""
-    return nn.LayerNorm(
-        epsilon=epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        use_bias=use_bias,
-        name=name,
-    )
+    return nn.LayerNorm(use_bias=use_bias, **_torch_norm_settings(epsilon, dtype, param_dtype, name))
+
+
+def _torch_norm_settings(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str) -> dict:
+    """The settings every normalisation of the ports shares: torch's two-pass variance
+    E[(x - mean)^2] (not Flax's fast E[x^2] - mean^2), in the given dtypes."""
+    return dict(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
+
+
+class DtypeModule(nn.Module):
+    """Base of the ports' modules: computes in `dtype`, stores its parameters in `param_dtype`
+    (keyword-only fields, so subclasses declare theirs positionally before them), and builds its
+    sub-layers in those dtypes with `dense` / `conv` / `group_norm` / `layer_norm`; `dtypes` is
+    the keyword pair to hand to a sub-module."""
+
+    dtype: Dtype = dataclasses.field(default=jnp.float32, kw_only=True)
+    param_dtype: Dtype = dataclasses.field(default=jnp.float32, kw_only=True)
+
+    @property
+    def dtypes(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    @nn.nowrap
+    def dense(self, features: int, name: str, use_bias: bool = True) -> Dense:
+        return Dense(features, use_bias=use_bias, name=name, **self.dtypes)
+
+    @nn.nowrap
+    def conv(self, features: int, kernel_size: int, name: str | None, stride: int = 1,
+             padding: int | None = None) -> nn.Conv:
+        """See `conv`; `name` None names it by the `setup` attribute it is assigned to."""
+        return conv(features, kernel_size, self.dtype, self.param_dtype, name, stride, padding)
+
+    @nn.nowrap
+    def group_norm(self, num_groups: int, epsilon: float, name: str) -> nn.GroupNorm:
+        return group_norm(num_groups, epsilon, self.dtype, self.param_dtype, name)
+
+    @nn.nowrap
+    def layer_norm(self, epsilon: float, name: str, use_bias: bool = True) -> nn.LayerNorm:
+        return layer_norm(epsilon, self.dtype, self.param_dtype, name, use_bias)

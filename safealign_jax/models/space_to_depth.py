@@ -9,11 +9,12 @@ the trainer need no special case.
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from safealign_jax.errors import UserError
+from safealign_jax.models.latent_scaling import LatentScaling
+from safealign_jax.models.layers import DtypeModule
 
 CLASS_NAME = "SpaceToDepthAutoencoder"
 LOGVAR = -60.0  # an exact encoder: exp(LOGVAR / 2) ~ 1e-13 posterior std
@@ -34,7 +35,7 @@ def depth_to_space(latents, block: int, channels: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class SpaceToDepthConfig:
+class SpaceToDepthConfig(LatentScaling):
     block_size: int = 2
     in_channels: int = 3
     scaling_factor: float = 1.0
@@ -48,12 +49,6 @@ class SpaceToDepthConfig:
     def latent_channels(self) -> int:
         return self.block_size**2 * self.in_channels
 
-    def latents_for_unet(self, z: jax.Array) -> jax.Array:
-        return (z - (self.shift_factor or 0.0)) * self.scaling_factor
-
-    def latents_for_decoder(self, latents: jax.Array) -> jax.Array:
-        return latents / self.scaling_factor + (self.shift_factor or 0.0)
-
     @classmethod
     def from_diffusers(cls, config: dict, source: str = "config.json") -> "SpaceToDepthConfig":
         values = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
@@ -66,12 +61,10 @@ class SpaceToDepthConfig:
         return {"_class_name": CLASS_NAME, **dataclasses.asdict(self)}
 
 
-class SpaceToDepthAutoencoder(nn.Module):
+class SpaceToDepthAutoencoder(DtypeModule):
     """encode: (B, H, W, C) -> (mean (B, H/f, W/f, f*f*C), logvar = LOGVAR); decode: the inverse."""
 
     config: SpaceToDepthConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         z = space_to_depth(images, self.config.block_size).astype(jnp.float32)

@@ -23,9 +23,10 @@ from safealign_jax.convert.names import params_from_state_dict
 from safealign_jax.errors import UserError, check
 from safealign_jax.models import space_to_depth
 from safealign_jax.models.attention import attend
-from safealign_jax.models.layers import Dense, Dtype, conv, group_norm
+from safealign_jax.models.latent_scaling import LatentScaling
+from safealign_jax.models.layers import Dtype, DtypeModule
 from safealign_jax.models.load import DIFFUSERS_NAMES, abstract_params, component_folder
-from safealign_jax.models.resnet import ResnetBlock2D, Upsample2D
+from safealign_jax.models.resnet import Resample2D, ResnetBlock2D, Upsample2D
 
 # diffusers builds every VAE ResnetBlock2D, attention GroupNorm and output GroupNorm with this eps.
 VAE_EPS = 1e-6
@@ -36,7 +37,7 @@ _IGNORED = {"force_upcast", "sample_size"}
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(LatentScaling):
     """The structure of an AutoencoderKL (diffusers field names and defaults).
 
     `latents_mean` / `latents_std` are kept when present (SDXL-style configs) but unused here:
@@ -64,14 +65,6 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         """Image pixels per latent pixel along each side."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-    def latents_for_unet(self, z: jax.Array) -> jax.Array:
-        """VAE latents -> the latents the UNet is trained on: (z - shift_factor) * scaling_factor."""
-        return (z - (self.shift_factor or 0.0)) * self.scaling_factor
-
-    def latents_for_decoder(self, latents: jax.Array) -> jax.Array:
-        """The inverse of `latents_for_unet`."""
-        return latents / self.scaling_factor + (self.shift_factor or 0.0)
 
     @classmethod
     def from_diffusers(cls, config: dict, source: str = "config.json") -> "VAEConfig":
@@ -129,7 +122,7 @@ class VAEConfig:
         )
 
 
-class VAEAttention(nn.Module):
+class VAEAttention(DtypeModule):
     """diffusers' mid-block `Attention` of the VAE: one head of width C over all pixels, with
     GroupNorm in front, biased to_q/to_k/to_v/to_out.0, and a residual connection.
 
@@ -137,52 +130,42 @@ class VAEAttention(nn.Module):
     """
 
     groups: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
-        tokens = group_norm(self.groups, VAE_EPS, name="group_norm", **kw)(x).reshape(b, h * w, c)
-        q, k, v = (Dense(c, name=name, **kw)(tokens) for name in ("to_q", "to_k", "to_v"))
-        out = Dense(c, name="to_out_0", **kw)(attend(q, k, v, heads=1, upcast=True))
+        tokens = self.group_norm(self.groups, VAE_EPS, "group_norm")(x).reshape(b, h * w, c)
+        q, k, v = (self.dense(c, name)(tokens) for name in ("to_q", "to_k", "to_v"))
+        out = self.dense(c, "to_out_0")(attend(q, k, v, heads=1, upcast=True))
         return out.reshape(b, h, w, c) + x
 
 
-class VAEDownsample2D(nn.Module):
+class VAEDownsample2D(Resample2D):
     """Zero-pad one row / column at the bottom / right, then a 3x3 stride-2 convolution
     (diffusers' Downsample2D with padding=0, as the VAE encoder builds it)."""
 
-    out_channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    stride, padding = 2, 0
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv", stride=2, padding=0)(x)
+    def before_conv(self, x: jax.Array) -> jax.Array:
+        return jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
 
 
-class VAEMidBlock(nn.Module):
+class VAEMidBlock(DtypeModule):
     """UNetMidBlock2D without time embedding: resnet, (attention), resnet."""
 
     add_attention: bool
     groups: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        resnet = lambda i: ResnetBlock2D(x.shape[-1], self.groups, VAE_EPS, name=f"resnets_{i}", **kw)  # noqa: E731
+        resnet = lambda i: ResnetBlock2D(x.shape[-1], self.groups, VAE_EPS, name=f"resnets_{i}", **self.dtypes)  # noqa: E731
         x = resnet(0)(x)
         if self.add_attention:
-            x = VAEAttention(self.groups, name="attentions_0", **kw)(x)
+            x = VAEAttention(self.groups, name="attentions_0", **self.dtypes)(x)
         return resnet(1)(x)
 
 
-class VAEBlock2D(nn.Module):
+class VAEBlock2D(DtypeModule):
     """`num_layers` resnets to `out_channels`, then the resampler: "down" = the stride-2
     downsampler (diffusers' DownEncoderBlock2D), "up" = the 2x nearest upsampler
     (UpDecoderBlock2D), "" = none (the last block)."""
@@ -191,67 +174,67 @@ class VAEBlock2D(nn.Module):
     num_layers: int
     groups: int
     resample: str
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, VAE_EPS, name=f"resnets_{j}", **kw)(x)
+            x = ResnetBlock2D(self.out_channels, self.groups, VAE_EPS, name=f"resnets_{j}", **self.dtypes)(x)
         if self.resample == "down":
-            x = VAEDownsample2D(self.out_channels, name="downsamplers_0", **kw)(x)
+            x = VAEDownsample2D(self.out_channels, name="downsamplers_0", **self.dtypes)(x)
         elif self.resample == "up":
-            x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
+            x = Upsample2D(self.out_channels, name="upsamplers_0", **self.dtypes)(x)
         return x
 
 
-class Encoder(nn.Module):
-    """Images (B, H, W, in_channels) -> moments (B, H/f, W/f, 2 * latent_channels), before quant_conv."""
+class VAECoder(DtypeModule):
+    """What the Encoder and the Decoder are made of: conv_in, a stack of VAEBlock2D, the mid
+    block and the output head, named as diffusers names them."""
 
     config: VAEConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+
+    def blocks(self, x: jax.Array, channels: tuple[int, ...], num_layers: int, resample: str,
+               prefix: str) -> jax.Array:
+        """One VAEBlock2D per entry of `channels`, named `{prefix}_{i}`; all but the last resample."""
+        for i, ch in enumerate(channels):
+            resampler = resample if i < len(channels) - 1 else ""
+            x = VAEBlock2D(ch, num_layers, self.config.norm_num_groups, resampler, name=f"{prefix}_{i}",
+                           **self.dtypes)(x)
+        return x
+
+    def mid_block(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        return VAEMidBlock(cfg.mid_block_add_attention, cfg.norm_num_groups, name="mid_block", **self.dtypes)(x)
+
+    def head(self, x: jax.Array, features: int) -> jax.Array:
+        """conv_norm_out -> SiLU -> conv_out to `features` channels."""
+        x = nn.silu(self.group_norm(self.config.norm_num_groups, VAE_EPS, "conv_norm_out")(x))
+        return self.conv(features, 3, "conv_out")(x)
+
+
+class Encoder(VAECoder):
+    """Images (B, H, W, in_channels) -> moments (B, H/f, W/f, 2 * latent_channels), before quant_conv."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        groups = cfg.norm_num_groups
-        x = conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(x)
-        last = len(cfg.block_out_channels) - 1
-        for i, channels in enumerate(cfg.block_out_channels):
-            x = VAEBlock2D(channels, cfg.layers_per_block, groups, "down" if i < last else "",
-                           name=f"down_blocks_{i}", **kw)(x)
-        x = VAEMidBlock(cfg.mid_block_add_attention, groups, name="mid_block", **kw)(x)
-        x = nn.silu(group_norm(groups, VAE_EPS, name="conv_norm_out", **kw)(x))
-        return conv(2 * cfg.latent_channels, 3, name="conv_out", **kw)(x)
+        x = self.conv(cfg.block_out_channels[0], 3, "conv_in")(x)
+        x = self.blocks(x, cfg.block_out_channels, cfg.layers_per_block, "down", "down_blocks")
+        return self.head(self.mid_block(x), 2 * cfg.latent_channels)
 
 
-class Decoder(nn.Module):
+class Decoder(VAECoder):
     """Latents (B, h, w, latent_channels) after post_quant_conv -> images (B, h*f, w*f, out_channels)."""
-
-    config: VAEConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        groups = cfg.norm_num_groups
         channels = tuple(reversed(cfg.block_out_channels))
-        x = conv(channels[0], 3, name="conv_in", **kw)(z)
-        x = VAEMidBlock(cfg.mid_block_add_attention, groups, name="mid_block", **kw)(x)
-        last = len(channels) - 1
-        for i, ch in enumerate(channels):
-            x = VAEBlock2D(ch, cfg.layers_per_block + 1, groups, "up" if i < last else "", name=f"up_blocks_{i}",
-                           **kw)(x)
-        x = nn.silu(group_norm(groups, VAE_EPS, name="conv_norm_out", **kw)(x))
-        return conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
+        x = self.mid_block(self.conv(channels[0], 3, "conv_in")(z))
+        x = self.blocks(x, channels, cfg.layers_per_block + 1, "up", "up_blocks")
+        return self.head(x, cfg.out_channels)
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(DtypeModule):
     """diffusers' AutoencoderKL. Methods (use with `module.apply(..., method=...)`, or the
     `encode` / `decode` functions of this module):
 
@@ -262,18 +245,14 @@ class AutoencoderKL(nn.Module):
     """
 
     config: VAEConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder = Encoder(cfg, **kw)
-        self.decoder = Decoder(cfg, **kw)
-        moments = 2 * cfg.latent_channels
+        self.encoder = Encoder(cfg, **self.dtypes)
+        self.decoder = Decoder(cfg, **self.dtypes)
         # Named by the attributes (setup forbids explicit names).
-        self.quant_conv = conv(moments, 1, name=None, **kw) if cfg.use_quant_conv else None
-        self.post_quant_conv = conv(cfg.latent_channels, 1, name=None, **kw) if cfg.use_post_quant_conv else None
+        self.quant_conv = self.conv(2 * cfg.latent_channels, 1, None) if cfg.use_quant_conv else None
+        self.post_quant_conv = self.conv(cfg.latent_channels, 1, None) if cfg.use_post_quant_conv else None
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         h = self.encoder(images.astype(self.dtype))
