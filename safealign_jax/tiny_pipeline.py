@@ -90,55 +90,64 @@ def _vae():
     return randomise(AutoencoderKL(**VAE), std=0.1)
 
 
-def write_sd(folder) -> str:
-    """A tiny SD1-like pipeline (DDIM scheduler, 16 px) saved to `folder`; returns its path."""
+def _unet(**blocks):
+    """The tiny UNet (8 px latents, 32 / 64 channels) with the family's `blocks` settings."""
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return randomise(UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, **blocks,
+    ), std=0.05)
+
+
+def _text_encoder():
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    return randomise(CLIPTextModel(CLIPTextConfig(**TEXT)), std=0.2)
+
+
+def _save(pipe, folder) -> str:
+    """Saves `pipe` to `folder` in the save_pretrained layout; returns the folder's path."""
     folder = Path(folder)
-    torch.manual_seed(0)
-    unet = randomise(UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4, norm_num_groups=8,
-    ), std=0.05)
-    text = randomise(CLIPTextModel(CLIPTextConfig(**TEXT)), std=0.2)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=text, tokenizer=_tokenizer(), unet=unet,
-                                   scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return str(folder)
+
+
+def write_sd(folder) -> str:
+    """A tiny SD1-like pipeline (DDIM scheduler, 16 px) saved to `folder`; returns its path."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    unet = _unet(cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_text_encoder(), tokenizer=_tokenizer(),
+                                   unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    return _save(pipe, folder)
 
 
 def write_sdxl(folder) -> str:
     """A tiny SDXL-like pipeline (Euler scheduler, 16 px) saved to `folder`; returns its path."""
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    folder = Path(folder)
-    torch.manual_seed(0)
-    unet = randomise(UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    unet = _unet(
+        cross_attention_dim=64, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
+        transformer_layers_per_block=(1, 2), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=16 + 6 * 8,
-    ), std=0.05)
-    text = randomise(CLIPTextModel(CLIPTextConfig(**TEXT)), std=0.2)
+    )
     text_2 = randomise(CLIPTextModelWithProjection(CLIPTextConfig(**TEXT, projection_dim=16)), std=0.2, seed=1)
     scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                        steps_offset=1, timestep_spacing="leading")
     tokenizer = _tokenizer()
-    pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=text, text_encoder_2=text_2,
+    pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=_text_encoder(), text_encoder_2=text_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
                                      scheduler=scheduler)
-    pipe.save_pretrained(folder)
-    return str(folder)
+    return _save(pipe, folder)
 
 
 # (category, prompt): the chosen image is a smooth gradient, the rejected one noise.
