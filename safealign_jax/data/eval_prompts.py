@@ -27,7 +27,13 @@ PROMPT_COLUMNS = ("prompt", "caption")
 
 @dataclasses.dataclass(frozen=True)
 class PromptRow:
-    """One evaluation prompt. `category` is the file's text, `categories` the canonical names."""
+    """One evaluation prompt.
+
+    Attributes:
+      index: the row's 0-based position in the file; id: its file_name / image cell, else str(index).
+      prompt: the text as written; category: the file's category text, categories: its
+        canonical names; seed: the row's generation seed; user_id: the Sage user (7 digits).
+    """
 
     index: int
     id: str
