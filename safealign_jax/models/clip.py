@@ -248,14 +248,10 @@ def _transformers_names(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarr
     transformers >= 5 saves a plain CLIPTextModel without the `text_model.` prefix; older
     versions and all WithProjection checkpoints keep it; some old files carry position_ids.
     """
-    out = {}
-    for name, array in state_dict.items():
-        if name.endswith("embeddings.position_ids"):
-            continue
-        if not name.startswith(("text_model.", "text_projection.")):
-            name = "text_model." + name
-        out[name] = array
-    return out
+    return {
+        name if name.startswith(("text_model.", "text_projection.")) else "text_model." + name: array
+        for name, array in state_dict.items() if not name.endswith("embeddings.position_ids")
+    }
 
 
 def load_text_encoder(

@@ -15,7 +15,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from safealign_jax.convert.checkpoint import read_config, read_state_dict
@@ -290,16 +289,13 @@ def sample_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Arr
 _DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def _current_names(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Renames the pre-0.14 diffusers attention names (query/key/value/proj_attn) that many hub
-    VAEs still carry to to_q/to_k/to_v/to_out.0, as diffusers does when loading them."""
-    out = {}
-    for name, array in state_dict.items():
-        parts = name.split(".")
-        if ".attentions." in name and len(parts) >= 2 and parts[-2] in _DEPRECATED_ATTENTION_NAMES:
-            name = ".".join([*parts[:-2], _DEPRECATED_ATTENTION_NAMES[parts[-2]], parts[-1]])
-        out[name] = array
-    return out
+def _current_name(name: str) -> str:
+    """A pre-0.14 diffusers attention name (query/key/value/proj_attn), which many hub VAEs still
+    carry, renamed to to_q/to_k/to_v/to_out.0 as diffusers does when loading it; others as they are."""
+    parts = name.split(".")
+    if ".attentions." in name and len(parts) >= 2 and parts[-2] in _DEPRECATED_ATTENTION_NAMES:
+        return ".".join([*parts[:-2], _DEPRECATED_ATTENTION_NAMES[parts[-2]], parts[-1]])
+    return name
 
 
 def load_vae(
@@ -329,6 +325,7 @@ def load_vae(
     module = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype)
     f = config.downsample_factor
     expected = abstract_params(module, jnp.zeros((1, f, f, config.in_channels), jnp.float32))
-    state_dict = _current_names(read_state_dict(folder, "diffusion_pytorch_model", variant))
+    weights = read_state_dict(folder, "diffusion_pytorch_model", variant)
+    state_dict = {_current_name(name): array for name, array in weights.items()}
     params = params_from_state_dict(expected, state_dict, DIFFUSERS_NAMES, folder)
     return module, params
