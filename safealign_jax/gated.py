@@ -17,6 +17,7 @@ The factors come from the category delta trees {P: {"delta": (in, out)}} by trun
 sigmoid, which is how it is exported (`safealign_jax.convert.gated_files`).
 """
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -83,6 +84,13 @@ def init(category_deltas: Sequence[dict], embed_dim: int, *, rank: int | None = 
         kernel = GATE_INIT_STD * jax.random.normal(key, (embed_dim, count), jnp.float32)
     return {"gate": {"kernel": kernel, "bias": jnp.full((count,), init_bias, jnp.float32)},
             "experts": traverse_util.unflatten_dict(experts)}
+
+
+def category_names(experts: str, categories: str = "") -> list[str]:
+    """The gated categories of a config's psa.gated: `categories` (comma-separated) if given,
+    else the base names of the `experts` run folders (comma-separated), in gate order."""
+    names = [n.strip() for n in categories.split(",") if n.strip()]
+    return names or [os.path.basename(os.path.normpath(f.strip())) for f in experts.split(",") if f.strip()]
 
 
 def check_matches(tree: dict, params: dict, where: str) -> None:

@@ -12,7 +12,6 @@ category names come from config psa.gated.categories (else the expert folder nam
 """
 
 import dataclasses
-import os
 
 from safealign_jax import gated
 from safealign_jax.errors import check
@@ -66,9 +65,7 @@ class Trained:
 def _categories(config: dict, count: int) -> tuple[str, ...]:
     """The gated categories named by the config (psa.gated.categories, else the expert folders)."""
     g = config.get("psa", {}).get("gated", {})
-    names = [n.strip() for n in g.get("categories", "").split(",") if n.strip()]
-    if not names:
-        names = [os.path.basename(os.path.normpath(f.strip())) for f in g.get("experts", "").split(",") if f.strip()]
+    names = gated.category_names(g.get("experts", ""), g.get("categories", ""))
     return tuple(names) if len(names) == count else tuple(f"category_{c}" for c in range(count))
 
 

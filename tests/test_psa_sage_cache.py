@@ -114,3 +114,54 @@ def test_trains_the_adapter_from_the_cache(built, tmp_path):
     assert summary["steps"] == 2 and np.isfinite(summary["final"]["loss"])
     run = load_trained(str(tmp_path / "run"))
     assert run.adapter["proj"]["kernel"].shape == (F.EMBED_DIM, 32) and run.lora is None
+
+
+def test_batches_carry_the_gated_category_index(built):
+    """psa.gated.route on Sage: each row's category_index is where its record's category stands in
+    the gated order (spellings matched loosely), -1 for a category that is not gated."""
+    root, _, out = built
+    it = source(out, root / "embeddings", gated_categories=["violence", "sexuality"])
+    seen = {}
+    for _ in range(2):
+        batch = next(it)
+        for record_id, index in zip(it.last_ids(), batch["category_index"], strict=True):
+            seen[record_id.split("_")[2]] = int(index)
+    assert batch["category_index"].dtype == np.int32
+    assert seen == {"sexuality": 1, "hate": -1}
+    assert "category_index" not in next(source(out, root / "embeddings"))
+
+
+def test_category_position_matches_spellings():
+    from safealign_jax.data.categories import position
+
+    assert position("Self-Harm", ["hate", "self_harm"]) == 1
+    assert position("Harrasment", ["Harassment"]) == 0
+    assert position("Shocking", ["hate"]) == -1
+
+
+def test_routed_gated_training_from_the_cache(built, tmp_path):
+    """psa.gated.route=True on a Sage cache: the val split has only Sexuality and Hate records, so
+    the Violence gate gets no gradient and stays exactly as it started; the Sexuality gate trains."""
+    from test_gated import attn2_deltas
+
+    from safealign_jax.runs import save_trained
+    from safealign_jax.train.model import load_base
+
+    root, pipeline, out = built
+    base = {"model.path": pipeline, "psa.enable": True, "psa.embed_dim": F.EMBED_DIM, "data.source": "sage_cache",
+            "data.cache_dir": str(out), "data.embeddings": str(root / "embeddings"), "data.num_threads": 0}
+    _, params, reference = load_base(tiny_config(base))
+    folders = []
+    for name, tree in zip(("violence", "sexuality"), attn2_deltas(params, 2, seed=3, scale=0.1), strict=True):
+        save_trained(str(tmp_path / name), {"delta": tree}, tiny_config(base).to_dict(), reference)
+        folders.append(str(tmp_path / name))
+    config = tiny_config({**base, "psa.variant": "gated", "psa.gated.experts": ",".join(folders),
+                          "psa.gated.route": True, "psa.gated.init_bias": -1.0, "optim.learning_rate": 0.1,
+                          "optim.weight_decay": 0.0, "dpo.caption_dropout": 0.0, "train.steps": 2,
+                          "train.checkpoint_every": 2, "train.log_every": 2})
+    _, summary = train(config, str(tmp_path / "run"))
+    assert np.isfinite(summary["final"]["loss"])
+    gate = load_trained(str(tmp_path / "run")).gated["gate"]
+    np.testing.assert_array_equal(gate["kernel"][:, 0], 0.0)
+    assert gate["bias"][0] == np.float32(-1.0)
+    assert np.abs(gate["kernel"][:, 1]).max() > 0 and gate["bias"][1] != np.float32(-1.0)

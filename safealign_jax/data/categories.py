@@ -73,6 +73,16 @@ def select(spelling: str, names, where: str) -> str:
                     f"{', '.join(map(repr, names)) or 'none'}.")
 
 
+def position(name: str, names) -> int:
+    """Where category `name` stands in `names` (matched as `select` does: the same text, else the
+    same ignoring case, spaces, '-' and '_', else its CoProV2 name), or -1 if it is absent."""
+    names = list(names)
+    try:
+        return names.index(select(name, names, "position"))
+    except UserError:
+        return -1
+
+
 def slug(category: str) -> str:
     """A file/config-friendly name: 'Illegal Activity' -> 'illegal_activity'."""
     return re.sub(r"[\s\-]+", "_", category.strip()).lower()

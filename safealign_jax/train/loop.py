@@ -67,11 +67,14 @@ def make_source(config, module, global_rows: int, rows: slice):
     if config.data.source == "sage_cache":
         from safealign_jax.data.sage_cache import SageCachedPairs
 
+        g = config.psa.gated
+        routed = (gated.category_names(g.experts, g.categories)
+                  if config.psa.enable and config.psa.variant == "gated" and g.route else None)
         return _checked_cache(
             SageCachedPairs(config.data.cache_dir, config.data.embeddings, seed=config.seed,
                             global_rows=global_rows, rows=rows, embed_dim=config.psa.embed_dim,
                             flip=config.data.flip, num_threads=config.data.num_threads,
-                            missing_embedding=config.data.missing_embedding),
+                            missing_embedding=config.data.missing_embedding, gated_categories=routed),
             config, module)
     if config.data.source == "cache":
         from safealign_jax.data.cache import CachedPairs
@@ -107,8 +110,7 @@ def gated_experts(config) -> tuple[list[dict], list[str]]:
     folders = [f.strip() for f in g.experts.split(",") if f.strip()]
     if not folders:
         raise UserError("--config.psa.gated.experts is empty: give one LoRA or delta run folder per category.")
-    names = [n.strip() for n in g.categories.split(",") if n.strip()] if g.categories else \
-        [os.path.basename(os.path.normpath(f)) for f in folders]
+    names = gated.category_names(g.experts, g.categories)
     if len(names) != len(folders):
         raise UserError(f"--config.psa.gated.categories names {len(names)} categories for "
                         f"{len(folders)} runs in --config.psa.gated.experts.")
