@@ -112,14 +112,69 @@ def num_categories(tree: dict) -> int:
     return int(tree["gate"]["bias"].shape[0])
 
 
-def gates(tree: dict, embeddings: jax.Array) -> jax.Array:
-    """(B, E) user embeddings -> (B, C) gates sigmoid(e W + b), float32."""
+def gates(tree: dict, embeddings: jax.Array, hard: bool = False) -> jax.Array:
+    """(B, E) user embeddings -> (B, C) gates sigmoid(e W + b), float32; `hard`: each gate
+    thresholded at 0.5 (1 where e W + b > 0, else 0), i.e. each category fully on or off."""
     kernel = tree["gate"]["kernel"]
     embeddings = jnp.asarray(embeddings, jnp.float32)
     if embeddings.ndim != 2 or embeddings.shape[1] != kernel.shape[0]:
         raise UserError(f"gated PSA: user embeddings have shape {tuple(embeddings.shape)}, "
                         f"expected (B, {kernel.shape[0]}).")
-    return jax.nn.sigmoid(jnp.dot(embeddings, kernel, precision=jax.lax.Precision.HIGHEST) + tree["gate"]["bias"])
+    logits = jnp.dot(embeddings, kernel, precision=jax.lax.Precision.HIGHEST) + tree["gate"]["bias"]
+    return (logits > 0).astype(jnp.float32) if hard else jax.nn.sigmoid(logits)
+
+
+def fit_gates(embeddings: np.ndarray, category_index: np.ndarray, prefers_safe: np.ndarray,
+              num_categories: int, *, l2: float = 1e-3, iterations: int = 50) -> dict:
+    """The gate {"kernel": (E, C), "bias": (C,)} fitted to users' preference records by maximum
+    likelihood of the Bradley-Terry model DPO itself starts from:
+
+        P(user u prefers the safe image to the harmful one on category c) = sigmoid(u W_c + b_c),
+
+    minimising, per category, the mean logistic loss of its records + l2/2 (|W_c|^2 + b_c^2)
+    (Newton's method with step halving, float64). A user's preference on category c is what the
+    gate must say: open where the user bans c. The records are harmful-prompt pairs of the
+    training users (Sage's rule: chosen = the safe image iff the user bans the category).
+
+    Args:
+      embeddings: (N, E) the user embedding of each record.
+      category_index: (N,) int, the record's gated category in [0, C).
+      prefers_safe: (N,) bool, whether the user chose the safe image.
+      num_categories: C; a category without records is a UserError.
+    """
+    x = np.asarray(embeddings, np.float64)
+    category_index, prefers_safe = np.asarray(category_index), np.asarray(prefers_safe, np.float64)
+    check(x.ndim == 2 and category_index.shape == prefers_safe.shape == (x.shape[0],),
+          f"fit_gates: embeddings {x.shape}, category_index {category_index.shape} and prefers_safe "
+          f"{prefers_safe.shape} must be (N, E), (N,), (N,).")
+    features = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+    weights = np.zeros((features.shape[1], num_categories))
+    for c in range(num_categories):
+        rows = category_index == c
+        check(bool(rows.any()), f"fit_gates: no preference records for category {c}.")
+        weights[:, c] = _logistic_newton(features[rows], prefers_safe[rows], l2, iterations)
+    return {"kernel": jnp.asarray(weights[:-1], jnp.float32), "bias": jnp.asarray(weights[-1], jnp.float32)}
+
+
+def _logistic_newton(features: np.ndarray, labels: np.ndarray, l2: float, iterations: int) -> np.ndarray:
+    """argmin_w mean(log(1 + exp(-s f.w))) + l2/2 |w|^2 with s = 2 y - 1 (float64 Newton steps,
+    halved until the objective falls)."""
+
+    def objective(w):
+        return np.mean(np.logaddexp(0.0, -(2 * labels - 1) * (features @ w))) + 0.5 * l2 * w @ w
+
+    w = np.zeros(features.shape[1])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(features @ w)))
+        grad = features.T @ (p - labels) / len(labels) + l2 * w
+        hess = (features * (p * (1 - p))[:, None]).T @ features / len(labels) + l2 * np.eye(len(w))
+        step, before = np.linalg.solve(hess, grad), objective(w)
+        while objective(w - step) > before and np.abs(step).max() > 1e-12:
+            step = step / 2
+        w = w - step
+        if np.abs(grad).max() < 1e-10:
+            break
+    return w
 
 
 def variables(tree: dict, embeddings: jax.Array) -> dict:
@@ -159,9 +214,10 @@ def route(collection: dict, categories: jax.Array) -> dict:
     return traverse_util.unflatten_dict({p: v * mask if p[-1] == "gate" else v for p, v in flat.items()})
 
 
-def user_delta(tree: dict, embedding) -> dict:
-    """One user's full delta tree {P: {"delta": sum_c g_c(u) a_c b_c (in, out)}}, float32."""
-    g = gates(tree, jnp.asarray(embedding, jnp.float32).reshape(1, -1))[0]
+def user_delta(tree: dict, embedding, hard: bool = False) -> dict:
+    """One user's full delta tree {P: {"delta": sum_c g_c(u) a_c b_c (in, out)}}, float32
+    (`hard`: the gates thresholded, see `gates`)."""
+    g = gates(tree, jnp.asarray(embedding, jnp.float32).reshape(1, -1), hard)[0]
     flat = traverse_util.flatten_dict(tree["experts"])
     return traverse_util.unflatten_dict({
         (*path[:-1], "delta"): jnp.einsum("c,cir,cro->io", g, a, flat[(*path[:-1], "b")],
@@ -169,10 +225,10 @@ def user_delta(tree: dict, embedding) -> dict:
         for path, a in flat.items() if path[-1] == "a"})
 
 
-def fold_for_user(params: dict, tree: dict, embedding) -> dict:
+def fold_for_user(params: dict, tree: dict, embedding, hard: bool = False) -> dict:
     """A copy of `params` with W + sum_c g_c(u) a_c b_c at every gated layer, for the user whose
     embedding is `embedding` (E,): how one user is sampled and evaluated."""
-    return lora.fold_delta(params, user_delta(tree, embedding))
+    return lora.fold_delta(params, user_delta(tree, embedding, hard))
 
 
 def category_deltas(tree: dict) -> list[dict]:

@@ -91,9 +91,10 @@ class Trainable:
             return int(self.tree["adapter"]["proj"]["kernel"].shape[0])
         return None
 
-    def delta(self, user_embedding=None) -> dict | None:
+    def delta(self, user_embedding=None, hard_gates: bool = False) -> dict | None:
         """The full-rank delta {P: {"delta": (in, out)}} float32 of the foldable entry: s a b, s
-        delta, or the gated sum_c g_c(u) a_c b_c for one user (E,); None without one."""
+        delta, or the gated sum_c g_c(u) a_c b_c for one user (E,) (`hard_gates`: `gated.gates`
+        thresholded); None without one."""
         if "lora" in self.tree:
             return lora.delta(self.tree["lora"], self.scale("lora"))
         if "delta" in self.tree:
@@ -101,16 +102,17 @@ class Trainable:
             return jax.tree.map(lambda d: scale * jnp.asarray(d, jnp.float32), self.tree["delta"])
         if "gated" in self.tree:
             check(user_embedding is not None, "a user-gated PSA tree is folded for one user: give the embedding (E,).")
-            return gated.user_delta(self.tree["gated"], user_embedding)
+            return gated.user_delta(self.tree["gated"], user_embedding, hard_gates)
         return None
 
-    def folded(self, params: dict, user_embedding=None, where: str = "the checkpoint") -> dict:
+    def folded(self, params: dict, user_embedding=None, where: str = "the checkpoint",
+               hard_gates: bool = False) -> dict:
         """`params` with `delta(user_embedding)` added to the kernels (the adapter is not foldable);
         UserError naming `where` when the trees were made for another UNet."""
         for entry in ("lora", "delta"):
             if entry in self.tree:
                 lora.check_fits(params, self.tree[entry], where)
-        delta = self.delta(user_embedding)
+        delta = self.delta(user_embedding, hard_gates)
         return params if delta is None else lora.fold_delta(params, delta)
 
     def lora_rank_alpha(self) -> tuple[int, float]:

@@ -52,10 +52,16 @@ class Trained:
         self._refuse_gated("folded")
         return self.trainable.folded(params, where=where)
 
+    @property
+    def hard_gates(self) -> bool:
+        """Whether the run's gates act thresholded (config psa.gated.hard): each category on or off."""
+        return bool(self.config.get("psa", {}).get("gated", {}).get("hard", False))
+
     def folded_for_user(self, params: dict, embedding) -> dict:
-        """`params` with a gated run's sum_c g_c(u) a_c b_c merged in for the user embedding (E,)."""
+        """`params` with a gated run's sum_c g_c(u) a_c b_c merged in for the user embedding (E,)
+        (gates thresholded when the run says so, `hard_gates`)."""
         check(self.gated is not None, "folded_for_user needs a user-gated PSA run (psa.variant=gated).")
-        return self.trainable.folded(params, embedding)
+        return self.trainable.folded(params, embedding, hard_gates=self.hard_gates)
 
     def _refuse_gated(self, method: str) -> None:
         check(self.gated is None, f"Trained.{method}: a user-gated PSA run depends on the user; "

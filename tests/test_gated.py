@@ -64,6 +64,37 @@ def test_gates_are_the_sigmoid_of_a_linear_map():
         gated.gates(tree, users[:, :5])
 
 
+def test_hard_gates_threshold_the_logits():
+    tree = {"gate": {"kernel": jnp.array([[1.0, -1.0, 0.0]]), "bias": jnp.array([-0.5, 0.2, 0.0])}}
+    np.testing.assert_array_equal(np.asarray(gated.gates(tree, jnp.array([[1.0], [0.1]]), hard=True)),
+                                  [[1, 0, 0], [0, 1, 0]])
+
+
+def test_fit_gates_is_the_regularised_bradley_terry_optimum():
+    """Each category's gate is the ridge logistic fit of its own records: the objective's gradient
+    vanishes there, and on separable records the gate opens exactly for the users who ban it."""
+    rng = np.random.default_rng(0)
+    users = rng.standard_normal((40, 5))
+    bans = np.stack([users[:, 0] > 0.3, users[:, 1] + users[:, 2] < 0], axis=1)
+    rows = [(u, c) for u in range(40) for c in range(2)]
+    emb = users[[u for u, _ in rows]]
+    cat = np.array([c for _, c in rows])
+    safe = np.array([bans[u, c] for u, c in rows])
+    l2 = 1e-3
+    gate = gated.fit_gates(emb, cat, safe, 2, l2=l2)
+    assert gate["kernel"].shape == (5, 2) and gate["bias"].shape == (2,)
+    for c in range(2):
+        w = np.append(np.asarray(gate["kernel"][:, c], np.float64), float(gate["bias"][c]))
+        x = np.concatenate([emb[cat == c], np.ones(((cat == c).sum(), 1))], axis=1)
+        p = 1 / (1 + np.exp(-(x @ w)))
+        grad = x.T @ (p - safe[cat == c]) / len(p) + l2 * w
+        assert np.abs(grad).max() < 1e-4
+    g = np.asarray(gated.gates({"gate": gate}, users, hard=True))
+    np.testing.assert_array_equal(g, bans.astype(np.float32))
+    with pytest.raises(UserError, match="no preference records for category 2"):
+        gated.fit_gates(emb, cat, safe, 3)
+
+
 def test_svd_factors_are_exact_at_full_rank_and_missing_paths_are_zero():
     rng = np.random.default_rng(2)
     first = {"x": {"delta": rng.standard_normal((5, 3)).astype(np.float32)},

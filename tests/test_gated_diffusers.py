@@ -72,7 +72,9 @@ def diffusers_recipe(pipe, folder: str, e: np.ndarray) -> list[float]:
     gate = load_file(f"{folder}/psa_gate.safetensors")
     with safe_open(f"{folder}/psa_gate.safetensors", "pt") as f:
         cats = json.loads(f.metadata()["categories"])
+        hard = f.metadata().get("gates") == "hard"
     g = torch.sigmoid(gate["weight"] @ torch.from_numpy(e) + gate["bias"])
+    g = (g > 0.5).float() if hard else g
     for c in cats:
         pipe.load_lora_weights(folder, weight_name=f"{c}.safetensors", adapter_name=c)
     pipe.set_adapters(cats, adapter_weights=g.tolist())
@@ -106,6 +108,21 @@ def test_gated_export_served_by_diffusers_matches_ours(sd, tmp_path):
                                   sorted(traverse_util.flatten_dict(theirs).items()), strict=True):
             assert p == q
             np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+
+
+def test_hard_gates_served_by_diffusers_match_ours(sd, tmp_path):
+    """psa.gated.hard: the export says "gates": "hard", the recipe switches each category fully on
+    or off, and diffusers' UNet equals ours folded with the thresholded gates."""
+    folder, module, params, inputs = sd
+    tree = random_gated(params)
+    gated_files.save_gated(str(tmp_path), tree, CATEGORIES, hard=True)
+    user = np.random.default_rng(3).standard_normal(EMBED).astype(np.float32)
+    hard = np.asarray(gated.gates(tree, user[None], hard=True))[0]
+    assert set(hard.tolist()) == {0.0, 1.0}
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert diffusers_recipe(pipe, str(tmp_path), user) == hard.tolist()
+    ours = np.asarray(module.apply({"params": gated.fold_for_user(params, tree, user, hard=True)}, *inputs))
+    assert relative_error(ours, torch_predict(pipe.unet, inputs)) <= 1e-4
 
 
 def test_low_rank_tree_round_trips_exactly(sd, tmp_path):

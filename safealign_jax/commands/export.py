@@ -76,7 +76,7 @@ def run(config, workdir):
     cli.output_folder(workdir)
     dtype = np.float16 if config.fp16 else np.float32
     if config.format == "gated":
-        summary = save_gated(workdir, run.gated, list(run.categories), dtype=dtype)
+        summary = save_gated(workdir, run.gated, list(run.categories), dtype=dtype, hard=run.hard_gates)
     elif config.format in ("peft", "kohya"):
         rank, alpha = run.trainable.lora_rank_alpha()
         path = os.path.join(workdir, "lora.safetensors")

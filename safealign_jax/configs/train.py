@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.psa.gated.init_bias = 0.0  # gate bias b at the start (gates sigmoid(b) for every user)
     c.psa.gated.train_experts = False  # False: only W, b train; True: the category factors too
     c.psa.gated.route = False  # True: each pair's row uses only its category's gate (batches carry category_index)
+    c.psa.gated.hard = False  # True: sampling / export use the gates thresholded at 0.5 (each category on or off)
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 5000.0

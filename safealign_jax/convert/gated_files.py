@@ -6,7 +6,8 @@
     <folder>/psa_gate.safetensors   weight (C, E), bias (C,): the gate as a torch.nn.Linear(E -> C);
                                     metadata {"format": "safealign_jax.psa_gate", "categories":
                                     json list of the slugs (file stems = adapter names, gate order),
-                                    "category_names": json list of the original names, "embed_dim": E}
+                                    "category_names": json list of the original names, "embed_dim": E,
+                                    "gates": "soft" | "hard" (psa.gated.hard: thresholded at 0.5)}
 
 In diffusers a user u is served by loading every category as an adapter and setting the adapter
 weights to the gates g = sigmoid(weight @ u + bias):
@@ -14,7 +15,9 @@ weights to the gates g = sigmoid(weight @ u + bias):
     gate = load_file("out/psa_gate.safetensors")
     with safe_open("out/psa_gate.safetensors", "pt") as f:
         cats = json.loads(f.metadata()["categories"])
+        hard = f.metadata().get("gates") == "hard"
     g = torch.sigmoid(gate["weight"] @ e + gate["bias"])                  # e: (E,) user embedding
+    g = (g > 0.5).float() if hard else g
     for c in cats:
         pipe.load_lora_weights("out", weight_name=f"{c}.safetensors", adapter_name=c)
     pipe.set_adapters(cats, adapter_weights=g.tolist())
@@ -55,8 +58,9 @@ def _layers(tree: dict) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
             for p, a in flat.items() if p[-1] == "a"}
 
 
-def save_gated(folder: str, tree: dict, categories: list[str], dtype=np.float32) -> dict:
-    """Writes the gated tree as the files above into `folder` (created if needed).
+def save_gated(folder: str, tree: dict, categories: list[str], dtype=np.float32, hard: bool = False) -> dict:
+    """Writes the gated tree as the files above into `folder` (created if needed); `hard`: the
+    gates act thresholded (metadata "gates": "hard").
 
     Returns {"folder", "categories" (slugs), "rank", "embed_dim", "files"}.
     """
@@ -80,7 +84,8 @@ def save_gated(folder: str, tree: dict, categories: list[str], dtype=np.float32)
         save_peft_lora(os.path.join(folder, files[-1]), traverse_util.unflatten_dict(lora_tree), rank,
                        float(rank), dtype=dtype)
     metadata = {"format": FORMAT, "categories": json.dumps(names),
-                "category_names": json.dumps([str(n) for n in categories]), "embed_dim": str(embed_dim)}
+                "category_names": json.dumps([str(n) for n in categories]), "embed_dim": str(embed_dim),
+                "gates": "hard" if hard else "soft"}
     write_safetensors(os.path.join(folder, GATE_FILE),
                       {"weight": kernel.T.astype(dtype), "bias": bias.astype(dtype)}, metadata)
     files.append(GATE_FILE)

@@ -130,7 +130,7 @@ def apply_trained(pipe: Pipeline, trained: Trained, description: dict, where: st
     check("gated" not in run.tree or user_embedding is not None,
           f"{where} is a user-gated PSA run: give the user to fold it for.")
     foldable = set(run.tree) - {"adapter"}
-    unet_params = run.folded(pipe.unet_params, user_embedding, where) if foldable else None
+    unet_params = run.folded(pipe.unet_params, user_embedding, where, trained.hard_gates) if foldable else None
     if "adapter" not in run.tree:
         return Model(pipe, unet_params, description=description)
     scale = run.scale("adapter") if adapter_scale is None else adapter_scale
