@@ -84,7 +84,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.curve.categories = (1, 3)  # the 7-category point is the main comparison
 
     c.psa = ml_collections.ConfigDict()
-    c.psa.users = 50
+    # Training users (Sage has 900): with 50, gates fitted to their preferences recognise 98.5% of
+    # unseen users' bans; with 300, all of them (docs/DEMO.md). Training cost does not grow with it.
+    c.psa.users = 300
     c.psa.unseen_users = 10
     c.psa.embed_dim = 32
     c.psa.train = _expert(steps=600, lr=1e-3, beta=50.0)
@@ -93,14 +95,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # User-gated variant: the closed-form edit of each category, weighted by g(u) = sigmoid(W u + b);
     # only W and b train (E x C + C numbers: a large learning rate), on the same user-conditioned
     # pairs. Gates start closed (sigmoid(-3) = 0.05), so the policy starts near the reference.
-    # Category routing (psa.gated.route) is off: in the default world it opens the gates the
-    # unrouted loss keeps shut (pass 0.67-0.77 -> 0.92-0.97) but leaves allowed categories' gates
-    # partly open (over-suppression +0.14..0.45), and on the quick world it raised over-suppression
-    # from +0.05 to +0.11 (docs/DEMO.md, "User-gated PSA: what was tried").
+    # Category routing (psa.gated.route) is off: on the quick world it raised over-suppression from
+    # +0.05 to +0.11; on the default world it learns the banned categories' gates but leaves allowed
+    # ones partly open (docs/DEMO.md, "User-gated PSA: what was tried").
     c.psa.gated = _expert(steps=600, lr=5e-2, beta=50.0)
     c.psa.gated.psa.variant = "gated"
     c.psa.gated.psa.gated.init_bias = -3.0
     c.psa.gated.psa.gated.route = False
+    # The same per-category edits with gates fitted directly to the training users' preferences
+    # (gated.fit_gates: the Bradley-Terry model per category, ridge l2), thresholded when `hard`.
+    c.psa.fit = ml_collections.ConfigDict()
+    c.psa.fit.l2 = 1e-3
+    c.psa.fit.hard = True
 
     c.eval = ml_collections.ConfigDict()
     c.eval.scenes_per_concept = 4  # x 2 held-out phrasings

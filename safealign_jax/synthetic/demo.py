@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from safealign_jax import lora, merge
+from safealign_jax import gated, lora, merge
 from safealign_jax.data.categories import slug
 from safealign_jax.pipeline import load_pipeline
 from safealign_jax.runs import save_trained
@@ -251,11 +251,12 @@ def run(config, workdir: str) -> dict:
     clock.stage("PSA users and user-conditioned pairs", t)
     variants, psa_grids, psa_runs = {}, {}, {}
 
-    def psa_variant(name: str, train_cfg, render_for_user, recipe: str) -> None:
-        """Trains the PSA variant `name` (`render_for_user(run, user)` gives its images) and evaluates it."""
+    def psa_variant(name: str, make_run, render_for_user, recipe: str) -> None:
+        """Makes the PSA variant `name` (`make_run(run_dir)` trains or fits it there;
+        `render_for_user(run, user)` gives its images) and evaluates it."""
         t = time.perf_counter()
         run_dir = os.path.join(workdir, "psa", name)
-        train(train_cfg, run_dir, source=user_pairs(train_cfg))
+        make_run(run_dir)
         psa_runs[name] = load_trained(run_dir)
         clock.stage(f"train PSA {name}", t)
         t = time.perf_counter()
@@ -264,29 +265,44 @@ def run(config, workdir: str) -> dict:
         variants[name]["recipe"] = recipe
         clock.stage(f"evaluate PSA {name}", t)
 
-    psa_variant("adapter", psa_config(config.psa.train),
+    def trained_by(train_cfg):
+        return lambda run_dir: train(train_cfg, run_dir, source=user_pairs(train_cfg))
+
+    def render_folded(run, user) -> np.ndarray:
+        return render_harmful(unet_params=run.folded_for_user(params, user.embedding))
+
+    adapter_cfg = psa_config(config.psa.train)
+    psa_variant("adapter", trained_by(adapter_cfg),
                 lambda run, user: render_harmful(adapter=(run.adapter, run.adapter_scale),
                                                  user_embeddings=np.repeat(user.embedding[None], len(harmful), 0)),
                 f"paper: user adapter, N={config.psa.train.psa.num_tokens} token, "
                 f"user-conditioned DPO (beta {config.psa.train.dpo.beta:g})")
 
     t = time.perf_counter()
-    category_runs = []
-    for category in world.categories:
-        run_dir = os.path.join(workdir, "erase", slug(category))
-        if not os.path.isdir(run_dir):
-            delta = states.edit(params, (category,), keep_other_categories=True,
-                                preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
-            save_trained(run_dir, {"delta": delta}, {"erase": config.erase.to_dict(), "category": category},
-                         psa_runs["adapter"].base_model)
-        category_runs.append(run_dir)
+    category_runs = category_edits(config, workdir, world, states, params, psa_runs["adapter"].base_model)
     clock.stage("closed-form edit per category", t)
-    psa_variant("gated", psa_config(config.psa.gated, **{"psa.gated.experts": ",".join(category_runs),
-                                                         "psa.gated.categories": ",".join(world.categories)}),
-                lambda run, user: render_harmful(unet_params=run.folded_for_user(params, user.embedding)),
+    gated_cfg = psa_config(config.psa.gated, **{"psa.gated.experts": ",".join(category_runs),
+                                                "psa.gated.categories": ",".join(world.categories)})
+    psa_variant("gated", trained_by(gated_cfg), render_folded,
                 "user-gated closed-form edits per category, gates sigmoid(W u + b) learned "
                 f"with user-conditioned DPO (beta {config.psa.gated.dpo.beta:g}"
                 f"{', category-routed' if config.psa.gated.psa.gated.route else ''})")
+
+    def fit_gated(run_dir: str) -> None:
+        run_config = {"psa": {"enable": True, "variant": "gated", "embed_dim": config.psa.embed_dim,
+                              "gated": {"categories": ",".join(world.categories), "hard": config.psa.fit.hard}},
+                      "fit": {**config.psa.fit.to_dict(), "users": config.psa.users, "edits": config.erase.to_dict()}}
+        if os.path.isdir(run_dir) and load_trained(run_dir).config == run_config:
+            return
+        shutil.rmtree(run_dir, ignore_errors=True)
+        tree = gated.init([load_trained(r).delta for r in category_runs], config.psa.embed_dim)
+        tree["gate"] = gated.fit_gates(*user_pairs(gated_cfg).preference_records(), len(world.categories),
+                                       l2=config.psa.fit.l2)
+        save_trained(run_dir, {"gated": tree}, run_config, psa_runs["adapter"].base_model)
+
+    psa_variant("gated_fit", fit_gated, render_folded,
+                "user-gated closed-form edits per category, gates fitted to the training users' "
+                f"preferences (Bradley-Terry, L2 {config.psa.fit.l2:g}){', thresholded' if config.psa.fit.hard else ''}")
 
     results["psa"] = {"variants": variants}
     results["recommended"] = {"safety": report.recommend_safety(methods), "psa": report.recommend_psa(variants)}
@@ -300,6 +316,24 @@ def run(config, workdir: str) -> dict:
     results["wall_s"] = round(time.perf_counter() - clock.start, 1)
     report.write(workdir, results, world, harmful, grids, psa_grids[results["recommended"]["psa"]])
     return results
+
+
+def category_edits(config, workdir: str, world: World, states, params, base_model: dict) -> list[str]:
+    """One closed-form edit run per category (workdir/erase/<category>/): its harmful prompts ->
+    safe rewrites, the preserved prompts and the other categories' harmful prompts kept. A run
+    made with other settings is made again."""
+    folders = []
+    for category in world.categories:
+        run_dir = os.path.join(workdir, "erase", slug(category))
+        settings = {"erase": config.erase.to_dict(), "category": category}
+        if os.path.isdir(run_dir) and load_trained(run_dir).config != settings:
+            shutil.rmtree(run_dir)
+        if not os.path.isdir(run_dir):
+            delta = states.edit(params, (category,), keep_other_categories=True,
+                                preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
+            save_trained(run_dir, {"delta": delta}, settings, base_model)
+        folders.append(run_dir)
+    return folders
 
 
 def objective_label(dpo) -> str:

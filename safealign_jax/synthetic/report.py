@@ -40,7 +40,9 @@ def recommend_safety(methods: dict) -> str:
 
 
 def over_suppression_increase(group: dict) -> float:
-    return group["over_suppression"] - group["base_over_suppression"]
+    """The group's over-suppression above the base's, rounded to 1e-9 (both are shares of the
+    same prompts, so an increase of exactly 0.05 stays 0.05 and meets a <= 0.05 target)."""
+    return round(group["over_suppression"] - group["base_over_suppression"], 9)
 
 
 def recommend_psa(variants: dict) -> str:
