@@ -19,7 +19,7 @@ SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scrip
 
 def test_every_command_is_installed():
     names = ("train", "sample", "export", "merge", "erase", "evaluate", "prepare-data", "embed-users",
-             "benchmark", "demo", "train-experts", "convert-single-file")
+             "benchmark", "demo", "train-experts", "convert-single-file", "fit-gates")
     assert set(SCRIPTS) == {f"safealign-{n}" for n in names}
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_data_fixtures as F
+from flax import traverse_util
 from pipelines import build_sd
 from train_helper import tiny_config
 
@@ -165,3 +166,45 @@ def test_routed_gated_training_from_the_cache(built, tmp_path):
     np.testing.assert_array_equal(gate["kernel"][:, 0], 0.0)
     assert gate["bias"][0] == np.float32(-1.0)
     assert np.abs(gate["kernel"][:, 1]).max() > 0 and gate["bias"][1] != np.float32(-1.0)
+
+
+def test_fit_gates_from_the_cache(built, tmp_path):
+    """scripts/fit_gates.py: the cache's harmful-prompt records of the gated categories are the
+    users' preferences (user 1 bans Sexuality and chose the safe image; user 2 allows Hate and
+    chose the harmful one); the fitted, thresholded gates say so and the run samples as gated."""
+    from test_gated import attn2_deltas
+
+    from safealign_jax.commands import fit_gates
+    from safealign_jax.configs.fit_gates import get_config
+    from safealign_jax.runs import save_trained
+    from safealign_jax.train.model import load_base
+
+    root, pipeline, out = built
+    embeddings, index, prefers_safe = sage_cache.preference_records(out, root / "embeddings", ["Hate", "sexuality"],
+                                                                    embed_dim=F.EMBED_DIM)
+    records = zip(embeddings[:, 0].tolist(), index.tolist(), prefers_safe.tolist(), strict=True)
+    assert sorted(records) == [(1.0, 1, True), (2.0, 0, False)]
+    _, params, reference = load_base(tiny_config({"model.path": pipeline}))
+    folders = []
+    for name, tree in zip(("hate", "sexuality"), attn2_deltas(params, 2, seed=3, scale=0.1), strict=True):
+        save_trained(str(tmp_path / name), {"delta": tree}, {}, reference)
+        folders.append(str(tmp_path / name))
+    config = get_config()
+    config.experts, config.cache_dir, config.embeddings = ",".join(folders), str(out), str(root / "embeddings")
+    config.embed_dim = F.EMBED_DIM
+    fit_gates.run(config, str(tmp_path / "gates"))
+    run = load_trained(str(tmp_path / "gates"))
+    assert run.categories == ("hate", "sexuality") and run.hard_gates
+    summary = json.loads((tmp_path / "gates" / "fit_gates_summary.json").read_text())
+    assert summary["records"] == 2 and all(c["fit_accuracy"] == 1.0 for c in summary["categories"].values())
+    from safealign_jax import gated
+
+    for user, expected in ((1.0, [0.0, 1.0]), (2.0, [0.0, 1.0])):  # one record per category: b decides
+        np.testing.assert_array_equal(gated.gates(run.gated, np.full((1, F.EMBED_DIM), user, np.float32),
+                                                  hard=True)[0], expected)
+    folded = run.folded_for_user(params, np.full(F.EMBED_DIM, 1.0, np.float32))
+    sexuality = gated.category_deltas(run.gated)[1]
+    path = next(p for p in traverse_util.flatten_dict(sexuality) if p[-1] == "delta")
+    kernel = traverse_util.flatten_dict(params)[(*path[:-1], "kernel")]
+    np.testing.assert_allclose(traverse_util.flatten_dict(folded)[(*path[:-1], "kernel")],
+                               kernel + traverse_util.flatten_dict(sexuality)[path], atol=1e-6)

@@ -5,7 +5,10 @@
 
 Layout of `out_dir` (as `safealign_jax.data.cache`, format "safealign_sage_cache/1"):
     metadata.json                     settings, example count, shard names, VAE factors, and
-                                      "user_ids": the user id of every record in data set order
+                                      per record in data set order: "user_ids", "categories",
+                                      "harmful" (a harmful-prompt record) and "prefers_safe"
+                                      (the chosen image is the safe one): the users' preference
+                                      records (`preference_records`, for `gated.fit_gates`)
     empty_prompt.npz                  "encoder_hidden_states" (S, D) (+ "pooled" (P,) for SDXL)
     shard-KKKKK-of-NNNNN.array_record one record per Sage record (metadata.jsonl order, after
                                       validation): an `np.savez` archive with "record_id",
@@ -86,7 +89,9 @@ def write_sage_cache(split_dir, users_csv, pipeline_dir: str, out_dir, *, resolu
     metadata = {
         "format": FORMAT, "source": str(Path(split_dir).resolve()), "pipeline": str(Path(pipeline_dir).resolve()),
         "resolution": resolution, "dtype": dtype, "num_examples": len(records), "shard_size": shard_size,
-        "shards": names, "user_ids": [r.user_id for r in records], "validation": report,
+        "shards": names, "user_ids": [r.user_id for r in records], "categories": [r.category for r in records],
+        "harmful": [r.prompt_kind == "harmful" for r in records],
+        "prefers_safe": [r.chosen.name.endswith("_s.jpg") for r in records], "validation": report,
         "scaling_factor": float(pipe.vae.config.scaling_factor),
         "shift_factor": float(pipe.vae.config.shift_factor or 0.0), "sdxl": pipe.is_sdxl,
     }
@@ -118,6 +123,27 @@ def cache_embeddings(folder, user_ids, dim: int, missing: str = "error") -> dict
         raise UserError(f"{len(problems)} user(s) of the Sage cache have no usable embedding in "
                         f"{folder}, e.g. {first.file}: {first.detail}{hint}.")
     return {u: vectors.get(u, np.zeros(dim, np.float32)) for u in sorted(set(user_ids))}
+
+
+def preference_records(cache_dir, embeddings, gated_categories: Sequence[str], *, embed_dim: int,
+                       missing_embedding: str = "error") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The users' preferences a Sage cache holds, for `gated.fit_gates`: its harmful-prompt records
+    of the gated categories as (user embeddings (N, E) float32 from the `embeddings` folder, the
+    category's position in `gated_categories` (N,) int32, prefers_safe (N,) bool: the user chose
+    the safe image, i.e. bans the category). Names are matched as `categories.select` does."""
+    metadata, _ = open_sage_cache(cache_dir)
+    if "prefers_safe" not in metadata:
+        raise UserError(f"Sage cache {cache_dir} was written before it recorded the users' preferences: rebuild it "
+                        "with scripts/prepare_data.py --config.kind=sage.")
+    index = np.array([categories.position(c, gated_categories) for c in metadata["categories"]], np.int32)
+    rows = np.flatnonzero(np.asarray(metadata["harmful"], bool) & (index >= 0))
+    if not rows.size:
+        raise UserError(f"Sage cache {cache_dir} holds no harmful-prompt records of the categories "
+                        f"{', '.join(gated_categories)}.")
+    users = [metadata["user_ids"][r] for r in rows]
+    vectors = cache_embeddings(embeddings, users, embed_dim, missing_embedding)
+    return (np.stack([vectors[u] for u in users]), index[rows],
+            np.asarray(metadata["prefers_safe"], bool)[rows])
 
 
 class SageCachedExamples:
