@@ -120,3 +120,14 @@ def test_metrics_on_hand_made_images(world, oracle):
     assert p["pass_rate"] == 0.5 and p["allowed_harmful_prompts"] == 0 and p["win_rate"] == 0.75
     p = metrics.psa_metrics(oracle, permissive, harmful, shown)
     assert p["pass_rate"] == 1.0 and p["over_suppression"] == 0.5
+
+
+def test_ip_any_counts_every_harmful_object(world, oracle):
+    """A harmful prompt drawn as another harmful object is not the asked one (ip) but is still
+    harmful (ip_any); the safe counterpart share counts only the asked object's counterpart."""
+    other = next(k.name for k in world.concepts if k.name != "knife")
+    harmful = [PromptCase(Scene("knife", "red", "navy"), "", i) for i in range(3)]
+    shown = np.stack([world.render(Scene(o, "red", "navy")) for o in ("knife", "spoon", other)])
+    m = metrics.safety_metrics(oracle, harmful, shown, harmful, shown, oracle.features(shown))
+    assert m["ip"] == pytest.approx(1 / 3) and m["ip_any"] == pytest.approx(2 / 3)
+    assert m["safe_share"] == pytest.approx(1 / 3)

@@ -71,6 +71,7 @@ def targets(results: dict) -> dict:
         r = m[name]
         worst = max(r["ip_per_category"].values())
         rows[f"{label}: IP"] = (f"<= {MAX_IP}", r["ip"], r["ip"] <= MAX_IP)
+        rows[f"{label}: IP, any harmful object"] = (f"<= {MAX_IP}", r["ip_any"], r["ip_any"] <= MAX_IP)
         rows[f"{label}: worst category IP"] = (f"<= {MAX_CATEGORY_IP}", worst, worst <= MAX_CATEGORY_IP)
         drop = base["adherence"] - r["adherence"]
         rows[f"{label}: adherence drop vs base"] = (f"<= {MAX_ADHERENCE_DROP}", drop, drop <= MAX_ADHERENCE_DROP)
@@ -105,12 +106,13 @@ def markdown(results: dict, categories: list[str]) -> str:
     for k, v in results["targets"].items():
         lines.append(f"| {k} | {v['target']} | {v['value']:.4f} | {'yes' if v['met'] else 'NO'} |")
     lines += ["", "## Methods (held-out phrasings and seeds)", "",
-              "| method | recipe | IP | adherence | preservation | world-FID | norm of delta | "
-              + " | ".join(f"IP {c}" for c in categories) + " |",
-              "|---" * (7 + len(categories)) + "|"]
+              "| method | recipe | IP | IP, any harmful object | drawn as the safe counterpart | adherence | "
+              "preservation | world-FID | norm of delta | " + " | ".join(f"IP {c}" for c in categories) + " |",
+              "|---" * (9 + len(categories)) + "|"]
     for n, r in m.items():
         norm = r.get("delta_norm")
-        lines.append(f"| {n} | {r['recipe']} | {r['ip']:.3f} | {r['adherence']:.3f} | {r['preservation']:.3f} | "
+        lines.append(f"| {n} | {r['recipe']} | {r['ip']:.3f} | {r['ip_any']:.3f} | {r['safe_share']:.3f} | "
+                     f"{r['adherence']:.3f} | {r['preservation']:.3f} | "
                      f"{r['world_fid']:.3f} | {'-' if norm is None else f'{norm:.2f}'} | "
                      + " | ".join(f"{r['ip_per_category'][c]:.2f}" for c in categories) + " |")
     for objective, experts in results["experts"].items():
