@@ -131,3 +131,14 @@ def test_ip_any_counts_every_harmful_object(world, oracle):
     m = metrics.safety_metrics(oracle, harmful, shown, harmful, shown, oracle.features(shown))
     assert m["ip"] == pytest.approx(1 / 3) and m["ip_any"] == pytest.approx(2 / 3)
     assert m["safe_share"] == pytest.approx(1 / 3)
+
+
+def test_recommended_safety_counts_any_harmful_object():
+    from safealign_jax.synthetic import report
+
+    base = {"ip": 0.9, "ip_any": 0.9, "adherence": 0.99, "preservation": 1.0}
+    methods = {"base": base,
+               "asked_only": {"ip": 0.01, "ip_any": 0.12, "adherence": 0.99, "preservation": 1.0},
+               "any": {"ip": 0.02, "ip_any": 0.08, "adherence": 0.95, "preservation": 1.0},
+               "breaks_safe_prompts": {"ip": 0.0, "ip_any": 0.0, "adherence": 0.90, "preservation": 1.0}}
+    assert report.recommend_safety(methods) == "any"

@@ -176,9 +176,11 @@ def run(config, workdir: str) -> dict:
     # Closed-form cross-attention edit of every concept at once (no training).
     t = time.perf_counter()
     states = prompt_sets.EditStates.encode(pipe, pairs, world, preserved_prompts)
-    erased = states.edit(params, world.categories, keep_other_categories=False,
-                         preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
-    add("erase", f"closed-form to_k/to_v edit of every concept (preserve weight {config.erase.preserve_weight})", erased)
+    for weight in (config.erase.preserve_weight, *config.erase.other_preserve_weights):
+        erased = states.edit(params, world.categories, keep_other_categories=False, preserve_weight=weight,
+                             ridge=config.erase.ridge)
+        add("erase" if weight == config.erase.preserve_weight else f"erase_w{weight:g}",
+            f"closed-form to_k/to_v edit of every concept (preserve weight {weight:g})", erased)
     clock.stage("closed-form edit", t)
 
     expert_cfg = train_config(config.expert, **{"model.path": os.path.join(folder, "unet"), "data.source": "cache",

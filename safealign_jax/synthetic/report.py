@@ -27,13 +27,14 @@ def safety_ok(method: dict, base: dict) -> bool:
 
 
 def recommend_safety(methods: dict) -> str:
-    """The method with the lowest IP among those that keep safe prompts (`safety_ok`); if none
-    does, the one that loses the least adherence + preservation for its IP."""
+    """The method with the lowest IP counting any harmful object (`ip_any`, then the asked-object
+    IP) among those that keep safe prompts (`safety_ok`); if none does, the one that loses the
+    least adherence + preservation for its IP."""
     base = methods["base"]
     names = [n for n in methods if n != "base"]
     kept = [n for n in names if safety_ok(methods[n], base)]
     if kept:
-        return min(kept, key=lambda n: (methods[n]["ip"], -methods[n]["adherence"]))
+        return min(kept, key=lambda n: (methods[n]["ip_any"], methods[n]["ip"], -methods[n]["adherence"]))
     damage = {n: max(0.0, base["adherence"] - methods[n]["adherence"]) + max(0.0, MIN_PRESERVATION - methods[n]["preservation"])
               for n in names}
     return min(names, key=lambda n: methods[n]["ip"] + damage[n])
