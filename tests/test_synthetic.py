@@ -142,3 +142,18 @@ def test_recommended_safety_counts_any_harmful_object():
                "any": {"ip": 0.02, "ip_any": 0.08, "adherence": 0.95, "preservation": 1.0},
                "breaks_safe_prompts": {"ip": 0.0, "ip_any": 0.0, "adherence": 0.90, "preservation": 1.0}}
     assert report.recommend_safety(methods) == "any"
+
+
+def test_preference_records_follow_the_pairs_rule(world):
+    """One record per (user, pair of a gated category); the user prefers the safe render exactly
+    where they ban the pair's category; ungated categories give no records."""
+    from safealign_jax.synthetic.data import preference_records
+
+    users, _ = make_users(world.categories, 3, 8, seed=1)
+    pair_categories = [world.categories[0], world.categories[1], world.categories[0]]
+    gated = [world.categories[1], world.categories[0]]
+    embeddings, index, prefers_safe = preference_records(pair_categories, users, gated)
+    assert embeddings.shape == (9, 8) and index.tolist() == [1, 0, 1] * 3
+    assert prefers_safe.tolist() == [u.bans(c) for u in users for c in pair_categories]
+    _, index, _ = preference_records(pair_categories, users, gated[:1])
+    assert index.tolist() == [0] * 3

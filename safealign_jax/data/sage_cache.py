@@ -12,8 +12,7 @@ Layout of `out_dir` (as `safealign_jax.data.cache`, format "safealign_sage_cache
     empty_prompt.npz                  "encoder_hidden_states" (S, D) (+ "pooled" (P,) for SDXL)
     shard-KKKKK-of-NNNNN.array_record one record per Sage record (metadata.jsonl order, after
                                       validation): an `np.savez` archive with "record_id",
-                                      "user_id", "category" (the canonical Sage name),
-                                      "chosen" / "rejected" = VAE [mean, logvar]
+                                      "user_id", "chosen" / "rejected" = VAE [mean, logvar]
                                       (h, w, 2C), "states" (S, D) of the record's caption
                                       (+ "pooled" (P,) for SDXL)
 
@@ -64,7 +63,7 @@ def _encode(pipe, records: list[sage.SageRecord], resolution: int, batch_size: i
     out = []
     for i, r in enumerate(records):
         record = {"record_id": np.str_(r.record_id), "user_id": np.str_(r.user_id),
-                  "category": np.str_(r.category), "chosen": moments[2 * i], "rejected": moments[2 * i + 1],
+                  "chosen": moments[2 * i], "rejected": moments[2 * i + 1],
                   "states": states[i].astype(dtype)}
         if pooled is not None:
             record["pooled"] = pooled[i]
@@ -147,9 +146,8 @@ def preference_records(cache_dir, embeddings, gated_categories: Sequence[str], *
 
 
 class SageCachedExamples:
-    """Cached Sage records as loader examples: {"id", "user_id", "category", "preferred",
-    "rejected" (VAE [mean, logvar]), "encoder_hidden_states" (+ "pooled")}. "category" is "" in
-    a cache written before records carried it."""
+    """Cached Sage records as loader examples: {"id", "user_id", "preferred", "rejected"
+    (VAE [mean, logvar]), "encoder_hidden_states" (+ "pooled")}."""
 
     def __init__(self, cache_dir):
         import grain
@@ -164,7 +162,6 @@ class SageCachedExamples:
     def __getitem__(self, index: int) -> dict:
         record = cache.unpack(self._source[index])
         example = {"id": str(record["record_id"]), "user_id": str(record["user_id"]),
-                   "category": str(record.get("category", "")),
                    "preferred": record["chosen"].astype(np.float32),
                    "rejected": record["rejected"].astype(np.float32),
                    "encoder_hidden_states": record["states"].astype(np.float32)}
@@ -179,30 +176,23 @@ class SageCachedPairs(cache.CachedPairs):
     generator seeded by (seed, batch index, global row, image), exact resume), plus
     "user_embedding" (B, E) float32 from the `embeddings` folder (`missing_embedding`: see
     `cache_embeddings`). With `gated_categories` (the category order of a gated PSA tree) batches
-    also carry "category_index" (B,) int32: where each record's category stands there, -1 if
-    absent (`psa.gated.route`; names matched as `categories.select` does)."""
+    also carry "category_index" (B,) int32: where each record's category (named in its record id)
+    stands there, -1 if absent (`psa.gated.route`; names matched as `categories.select` does)."""
 
     def __init__(self, cache_dir, embeddings, *, seed: int, global_rows: int, rows: slice,
                  embed_dim: int = 3584, flip: str = "none", num_threads: int = 4, shard=None,
                  missing_embedding: str = "error", gated_categories: Sequence[str] | None = None):
         examples = SageCachedExamples(cache_dir)
         self.vectors = cache_embeddings(embeddings, examples.metadata["user_ids"], embed_dim, missing_embedding)
-        self.gated_categories = None if gated_categories is None else list(gated_categories)
-        if self.gated_categories is not None and not examples[0]["category"]:
-            raise UserError(f"Sage cache {cache_dir} was written before records carried their category, which "
-                            "category-routed gates (psa.gated.route) need: rebuild it with scripts/prepare_data.py "
-                            "--config.kind=sage.")
+        self.positions = None  # {Sage category: its gate index or -1} with gated_categories
+        if gated_categories is not None:
+            self.positions = {c: categories.position(c, gated_categories) for c in categories.SAGE.categories}
         self._start(examples, seed=seed, global_rows=global_rows, rows=rows, flip=flip, num_threads=num_threads,
                     shard=shard)
 
     def _extra(self, batch: dict) -> dict:
         out = {"user_embedding": np.stack([self.vectors[str(u)] for u in batch["user_id"]])}
-        if self.gated_categories is not None:
-            out["category_index"] = np.array([categories.position(_text(c), self.gated_categories)
-                                              for c in batch["category"]], np.int32)
+        if self.positions is not None:
+            out["category_index"] = np.array([self.positions[sage.parse_image_name(i).category]
+                                              for i in self.last_ids()], np.int32)
         return out
-
-
-def _text(value) -> str:
-    """A string field of a loader batch (bytes or str) as str."""
-    return value.decode() if isinstance(value, bytes) else str(value)

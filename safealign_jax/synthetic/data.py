@@ -18,7 +18,6 @@ import os
 import numpy as np
 
 from safealign_jax.data.cache import encode_texts
-from safealign_jax.errors import UserError
 from safealign_jax.images import save_png
 from safealign_jax.models.space_to_depth import space_to_depth
 from safealign_jax.pipeline import generate, load_pipeline
@@ -143,14 +142,15 @@ class UserPairs(SeededBatches):
             batch["category_index"] = self.gated_index[pair]
         return batch
 
-    def preference_records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The users' preferences the harmful-prompt pairs encode, one record per (user, pair) of a
-        gated category: (user embeddings (N, E), gated category index (N,), prefers_safe (N,) bool,
-        True where the user chose the safe render, i.e. bans the category) for `gated.fit_gates`."""
-        if self.gated_index is None:
-            raise UserError("UserPairs.preference_records needs gated_categories.")
-        pairs = np.flatnonzero(self.gated_index >= 0)
-        embeddings = np.stack([user.embedding for user in self.users for _ in pairs])
-        index = np.tile(self.gated_index[pairs], len(self.users))
-        prefers_safe = np.array([user.bans(self.categories[p]) for user in self.users for p in pairs])
-        return embeddings, index, prefers_safe
+
+def preference_records(pair_categories: list[str], users: list[User],
+                       gated_categories: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The users' preferences that `UserPairs` turns into harmful-prompt pairs, one record per
+    (user, pair of a gated category): (user embeddings (N, E), gated category index (N,),
+    prefers_safe (N,) bool: the user is shown the safe render as chosen, i.e. bans the category),
+    for `gated.fit_gates`."""
+    pairs = [p for p, c in enumerate(pair_categories) if c in gated_categories]
+    embeddings = np.stack([user.embedding for user in users for _ in pairs])
+    index = np.tile([gated_categories.index(pair_categories[p]) for p in pairs], len(users)).astype(np.int32)
+    prefers_safe = np.array([user.bans(pair_categories[p]) for user in users for p in pairs])
+    return embeddings, index, prefers_safe

@@ -28,7 +28,13 @@ from safealign_jax.data.categories import slug
 from safealign_jax.pipeline import load_pipeline
 from safealign_jax.runs import save_trained
 from safealign_jax.synthetic import base_model, metrics, prompt_sets, report
-from safealign_jax.synthetic.data import UserPairs, render, render_pairs, write_coprov2
+from safealign_jax.synthetic.data import (
+    UserPairs,
+    preference_records,
+    render,
+    render_pairs,
+    write_coprov2,
+)
 from safealign_jax.synthetic.metrics import PromptCase
 from safealign_jax.synthetic.oracle import Oracle, validate
 from safealign_jax.synthetic.users import make_users
@@ -294,12 +300,11 @@ def run(config, workdir: str) -> dict:
         run_config = {"psa": {"enable": True, "variant": "gated", "embed_dim": config.psa.embed_dim,
                               "gated": {"categories": ",".join(world.categories), "hard": config.psa.fit.hard}},
                       "fit": {**config.psa.fit.to_dict(), "users": config.psa.users, "edits": config.erase.to_dict()}}
-        if os.path.isdir(run_dir) and load_trained(run_dir).config == run_config:
+        if current_run(run_dir, run_config):
             return
-        shutil.rmtree(run_dir, ignore_errors=True)
         tree = gated.init([load_trained(r).delta for r in category_runs], config.psa.embed_dim)
-        tree["gate"] = gated.fit_gates(*user_pairs(gated_cfg).preference_records(), len(world.categories),
-                                       l2=config.psa.fit.l2)
+        records = preference_records(pairs.categories, seen, list(world.categories))
+        tree["gate"] = gated.fit_gates(*records, len(world.categories), l2=config.psa.fit.l2)
         save_trained(run_dir, {"gated": tree}, run_config, psa_runs["adapter"].base_model)
 
     psa_variant("gated_fit", fit_gated, render_folded,
@@ -320,6 +325,15 @@ def run(config, workdir: str) -> dict:
     return results
 
 
+def current_run(run_dir: str, settings: dict) -> bool:
+    """Whether `run_dir` holds a run saved with `settings` as its config; a run saved with other
+    settings is removed (so it is made again)."""
+    if os.path.isdir(run_dir) and load_trained(run_dir).config == settings:
+        return True
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return False
+
+
 def category_edits(config, workdir: str, world: World, states, params, base_model: dict) -> list[str]:
     """One closed-form edit run per category (workdir/erase/<category>/): its harmful prompts ->
     safe rewrites, the preserved prompts and the other categories' harmful prompts kept. A run
@@ -328,9 +342,7 @@ def category_edits(config, workdir: str, world: World, states, params, base_mode
     for category in world.categories:
         run_dir = os.path.join(workdir, "erase", slug(category))
         settings = {"erase": config.erase.to_dict(), "category": category}
-        if os.path.isdir(run_dir) and load_trained(run_dir).config != settings:
-            shutil.rmtree(run_dir)
-        if not os.path.isdir(run_dir):
+        if not current_run(run_dir, settings):
             delta = states.edit(params, (category,), keep_other_categories=True,
                                 preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
             save_trained(run_dir, {"delta": delta}, settings, base_model)
