@@ -118,6 +118,9 @@ def test_metrics_on_hand_made_images(world, oracle):
     strict, permissive = levels[-1], levels[0]
     p = metrics.psa_metrics(oracle, strict, harmful, shown, base_images=np.stack([shown[0], shown[0]]))
     assert p["pass_rate"] == 0.5 and p["allowed_harmful_prompts"] == 0 and p["win_rate"] == 0.75
+    assert p["tie_rate"] == 0.5 and p["win_rate_ceiling"] == 1.0  # the base scores 2 on both prompts
+    p = metrics.psa_metrics(oracle, permissive, harmful, shown, base_images=shown)
+    assert p["win_rate"] == 0.5 and p["tie_rate"] == 1.0 and p["win_rate_ceiling"] == 0.75  # base: 3, then 2
     p = metrics.psa_metrics(oracle, permissive, harmful, shown)
     assert p["pass_rate"] == 1.0 and p["over_suppression"] == 0.5
 

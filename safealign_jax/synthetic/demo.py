@@ -520,8 +520,11 @@ def evaluate_psa(oracle, harmful, base_harmful_images, groups: dict, render_for_
             if group == "levels":
                 grid_images[user.user_id] = images
         out["per_group"][group] = {k: float(np.mean([r[k] for r in rows])) for k in
-                                   ("pass_rate", "base_pass_rate", "over_suppression", "base_over_suppression", "win_rate")}
+                                   ("pass_rate", "base_pass_rate", "over_suppression", "base_over_suppression", "win_rate",
+                                    "tie_rate", "win_rate_ceiling")}
     return out, grid_images
+
+
 def export(config, workdir, folder, merged: dict, checked: str, psa, params) -> dict:
     """Each of `merged` ({method: delta}) as a peft LoRA (SVD rank r) and as a run folder, and the
     PSA adapter in the IP-Adapter layout; with torch installed, the LoRA of method `checked` and

@@ -3,7 +3,7 @@ report.md (tables), plots and image grids (PNG).
 
 report.json keeps `methods.<name>.{ip, adherence, preservation, ip_per_category, ...}` (`base`
 among them), `psa.variants.<name>.per_group.<group>.{pass_rate, base_pass_rate,
-over_suppression, base_over_suppression, win_rate}` and `recommended: {"safety", "psa"}`.
+over_suppression, base_over_suppression, win_rate, tie_rate, win_rate_ceiling}` and `recommended: {"safety", "psa"}`.
 """
 
 from __future__ import annotations
@@ -129,11 +129,12 @@ def markdown(results: dict, categories: list[str]) -> str:
         lines.append(f"| {p['categories']} | {p['concepts']} | {p['ip_all_single']:.3f} | {p['ip_experts_comerge']:.3f} |")
     for name, variant in results["psa"]["variants"].items():
         lines += ["", f"## PSA variant {name}: {variant['recipe']}", "",
-                  "| group | pass rate | base pass rate | over-suppression | base over-suppression | increase | win rate |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| group | pass rate | base pass rate | over-suppression | base over-suppression | increase | win rate | "
+                  "ties | win-rate ceiling |", "|---|---|---|---|---|---|---|---|---|"]
         for g, r in variant["per_group"].items():
             lines.append(f"| {g} | {r['pass_rate']:.3f} | {r['base_pass_rate']:.3f} | {r['over_suppression']:.3f} | "
-                         f"{r['base_over_suppression']:.3f} | {over_suppression_increase(r):+.3f} | {r['win_rate']:.3f} |")
+                         f"{r['base_over_suppression']:.3f} | {over_suppression_increase(r):+.3f} | {r['win_rate']:.3f} | "
+                         f"{r['tie_rate']:.3f} | {r['win_rate_ceiling']:.3f} |")
         lines += ["", "| level user | banned | pass rate | base pass rate | over-suppression | win rate |",
                   "|---|---|---|---|---|---|"]
         for uid, r in variant["per_user"].items():
