@@ -34,8 +34,8 @@ from safealign_jax.pipeline import encode_prompts
 ENCODE_BATCH = 32  # prompts per text-encoder call (the last call is padded: one compile)
 GRAM_CHUNK = 4096  # rows per float64 product when accumulating C^T C
 
-__all__ = ["TEXT_KEYED", "check_reads_text", "check_rows", "delta_norm", "edit_from_prompts", "gram",
-           "normal_matrix", "preserved_states", "prompt_states", "read_edits", "solve_edit", "text_keyed_kernels",
+__all__ = ["TEXT_KEYED", "check_reads_text", "check_rows", "delta_norm", "edit_fit", "edit_from_prompts", "edit_map", "gram",
+           "normal_matrix", "preserved_states", "prompt_states", "read_edits", "rows_from_prompts", "solve_edit", "text_keyed_kernels",
            "token_counts"]
 
 
@@ -141,6 +141,38 @@ def check_reads_text(kernels: dict[Layer, np.ndarray], width: int) -> None:
               f"text states have width {width} (only cross-attention to_k / to_v read text states).")
 
 
+def edit_map(sources: np.ndarray, targets: np.ndarray, preserved: np.ndarray | None, *,
+             preserve_weight: float = 1.0, ridge: float = 1e-3) -> np.ndarray:
+    """The (D, D) float64 map X = A^{-1} C^T (C* - C) of the text states, A = C^T C +
+    lambda_p P^T P + r I: every text-keyed kernel W gets the delta X W (arguments: `solve_edit`)."""
+    sources, targets = np.asarray(sources), np.asarray(targets)
+    check_rows("sources", sources)
+    check(sources.shape == targets.shape and sources.shape[0] > 0,
+          f"sources {sources.shape} and targets {targets.shape} must be the same non-empty (rows, D).")
+    width = sources.shape[1]
+    preserved = np.zeros((0, width), np.float32) if preserved is None else np.asarray(preserved)
+    check_rows("preserved", preserved, width)
+    check(preserve_weight >= 0, f"preserve_weight={preserve_weight!r} is invalid (expected >= 0).")
+    factor = normal_matrix([gram(sources), preserve_weight * gram(preserved)], width, ridge)
+    return scipy.linalg.cho_solve(factor, gram(sources, np.asarray(targets, np.float64) - sources))
+
+
+def edit_fit(sources: np.ndarray, targets: np.ndarray, preserved: np.ndarray | None, x: np.ndarray) -> dict:
+    """How well the map `x` (`edit_map`) does what it was solved for, as relative errors:
+    "residual" = ||C X - (C* - C)|| / ||C* - C|| over the source rows (0: every source state lands on
+    its target; 1: none moves), "preserved_change" = ||P X|| / ||P|| (0: preserved states unchanged).
+
+    One linear map of D-wide states can only move so many concepts while keeping the rest: the
+    residual grows with the number of edited concepts, and falls as D grows."""
+    sources = np.asarray(sources, np.float64)
+    moved = np.asarray(targets, np.float64) - sources
+    fit = {"residual": float(np.linalg.norm(sources @ x - moved) / max(np.linalg.norm(moved), 1e-30))}
+    if preserved is not None and len(preserved):
+        preserved = np.asarray(preserved, np.float64)
+        fit["preserved_change"] = float(np.linalg.norm(preserved @ x) / max(np.linalg.norm(preserved), 1e-30))
+    return fit
+
+
 def solve_edit(params: dict, sources: np.ndarray, targets: np.ndarray, preserved: np.ndarray | None, *,
                preserve_weight: float = 1.0, ridge: float = 1e-3, layers: str = TEXT_KEYED) -> dict:
     """The delta tree {P: {"delta": (D, out) float32}} of every Dense layer matching `layers`.
@@ -154,30 +186,27 @@ def solve_edit(params: dict, sources: np.ndarray, targets: np.ndarray, preserved
       layers: regular expression over the "/"-joined module paths; matched layers must read the
         text states (input width D).
     """
-    sources, targets = np.asarray(sources), np.asarray(targets)
-    check_rows("sources", sources)
-    check(sources.shape == targets.shape and sources.shape[0] > 0,
-          f"sources {sources.shape} and targets {targets.shape} must be the same non-empty (rows, D).")
-    width = sources.shape[1]
-    preserved = np.zeros((0, width), np.float32) if preserved is None else np.asarray(preserved)
-    check_rows("preserved", preserved, width)
-    check(preserve_weight >= 0, f"preserve_weight={preserve_weight!r} is invalid (expected >= 0).")
+    x = edit_map(sources, targets, preserved, preserve_weight=preserve_weight, ridge=ridge)
     kernels = text_keyed_kernels(params, layers)
-    check_reads_text(kernels, width)
-    factor = normal_matrix([gram(sources), preserve_weight * gram(preserved)], width, ridge)
-    # X = A^{-1} C^T (C* - C): the same (D, D) map for every layer; delta = X W.
-    x = scipy.linalg.cho_solve(factor, gram(sources, np.asarray(targets, np.float64) - sources))
+    check_reads_text(kernels, x.shape[0])
+    # The same (D, D) map for every layer; delta = X W.
     return delta_tree({path: (x @ np.asarray(kernel, np.float64)).astype(np.float32)
                        for path, kernel in kernels.items()})
 
 
+def rows_from_prompts(pipe, edits: list[tuple[str, str]], preserved: list[str]):
+    """(sources, targets, preserved) text-state rows of `edits` [(source, target)] (target "" =
+    the empty prompt) and of the `preserved` prompts (None if empty), encoded by `pipe`'s text
+    encoder(s): the arguments of `solve_edit`, `edit_map` and `edit_fit`."""
+    sources, targets = prompt_states(pipe, [s for s, _ in edits], [t for _, t in edits])
+    return sources, targets, (preserved_states(pipe, preserved) if preserved else None)
+
+
 def edit_from_prompts(pipe, params: dict, edits: list[tuple[str, str]], preserved: list[str], *,
                       preserve_weight: float = 1.0, ridge: float = 1e-3, layers: str = TEXT_KEYED) -> dict:
-    """`solve_edit` on the text states of `edits` [(source, target)] (target "" = the empty
-    prompt) and of the `preserved` prompts (may be empty) encoded by `pipe`'s text encoder(s)."""
-    sources, targets = prompt_states(pipe, [s for s, _ in edits], [t for _, t in edits])
-    kept = preserved_states(pipe, preserved) if preserved else None
-    return solve_edit(params, sources, targets, kept, preserve_weight=preserve_weight, ridge=ridge, layers=layers)
+    """`solve_edit` on `rows_from_prompts(pipe, edits, preserved)`."""
+    return solve_edit(params, *rows_from_prompts(pipe, edits, preserved), preserve_weight=preserve_weight,
+                      ridge=ridge, layers=layers)
 
 
 def read_edits(path: str) -> list[tuple[str, str]]:

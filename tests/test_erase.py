@@ -89,6 +89,16 @@ def test_hand_computed_2x2():
     delta = erase.solve_edit(params, source, target, np.array([[1.0, 1.0]]), ridge=1.0)["attn2"]["to_k"]["delta"]
     np.testing.assert_allclose(delta, [[0.8, 0.8], [-0.4, -0.4]], atol=1e-7)
     assert delta.dtype == np.float32
+    # the map itself: X = A^{-1} C^T (C* - C) = [[-2, 2], [1, -1]] / 5, and delta = X W
+    x = erase.edit_map(source, target, np.array([[1.0, 1.0]]), ridge=1.0)
+    np.testing.assert_allclose(x, [[-0.4, 0.4], [0.2, -0.2]], atol=1e-12)
+    # C X = [-0.4, 0.4] of the wanted [-1, 1]: residual 0.6; P X = [-0.2, 0.2] of |P| = sqrt 2: 0.2
+    fit = erase.edit_fit(source, target, np.array([[1.0, 1.0]]), x)
+    assert fit == {"residual": pytest.approx(0.6), "preserved_change": pytest.approx(0.2)}
+    # without the preserved row: X = [[-0.5, 0.5], [0, 0]], residual 0.5; an exact map: 0
+    assert erase.edit_fit(source, target, None, erase.edit_map(source, target, None, ridge=1.0)) == {
+        "residual": pytest.approx(0.5)}
+    assert erase.edit_fit(source, target, None, erase.edit_map(source, target, None, ridge=1e-12))["residual"] < 1e-9
     assert erase.delta_norm({"a": {"delta": delta}, "b": {"delta": np.array([[0.0, 0.4]])}}) == pytest.approx(
         np.sqrt(2 * 0.64 + 2 * 0.16 + 0.16), rel=1e-6)
 
@@ -216,6 +226,9 @@ def test_erase_script_writes_a_run_that_folds_and_exports(pipe, pipeline_dir, tm
     for path, value in got.items():
         np.testing.assert_allclose(value, want[path], rtol=1e-5, atol=1e-6)
     assert summary["delta_norm"] == pytest.approx(erase.delta_norm(expected), rel=1e-5)
+    rows = erase.rows_from_prompts(pipe, [("cat", "dog"), ("the cat", "")], ["the", "the dog"])
+    fit = erase.edit_fit(*rows, erase.edit_map(*rows, preserve_weight=0.5))
+    assert summary["fit"] == pytest.approx(fit, rel=1e-4) and 0 < fit["residual"] < 1
     assert run.base_model["path"] == os.path.join(pipeline_dir, "unet")
     folded = traverse_util.flatten_dict(run.folded(pipe.unet_params))
     for path, value in got.items():

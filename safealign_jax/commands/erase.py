@@ -5,7 +5,9 @@
 
 Writes workdir/checkpoints/0 (a {"delta"} or, with output.form=svd, a {"lora"} run that
 scripts/sample.py, export.py and evaluate.py accept) and workdir/erase_summary.json; prints the
-norm of every edited layer's delta, the total, and the summary as one JSON line.
+norm of every edited layer's delta, the total, the fit of the text-state map (`erase.edit_fit`:
+a residual near 1 means the edit cannot move these concepts while keeping the preserved
+phrases; fewer concepts or a lower preserve weight help) and the summary as one JSON line.
 
 Installed as `safealign-erase` (scripts/erase.py in the checkout).
 """
@@ -57,8 +59,10 @@ def run(config, workdir):
     pipe, base_model = load_model(config)
     timings["model_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    delta = erase.edit_from_prompts(pipe, pipe.unet_params, edits, preserved, preserve_weight=config.preserve_weight,
-                                    ridge=config.ridge, layers=config.layers)
+    rows = erase.rows_from_prompts(pipe, edits, preserved)
+    solve = {"preserve_weight": config.preserve_weight, "ridge": config.ridge}
+    delta = erase.solve_edit(pipe.unet_params, *rows, **solve, layers=config.layers)
+    fit = erase.edit_fit(*rows, erase.edit_map(*rows, **solve))
     timings["solve_s"] = time.perf_counter() - start
     cli.output_folder(workdir)
     run_config = {"erase": config.to_dict(), "model": {"path": os.path.abspath(config.model), "variant": config.variant}}
@@ -72,7 +76,7 @@ def run(config, workdir):
     layers = {"/".join(path[:-1]): erase.delta_norm(value) for path, value in sorted(flatten_dict(delta).items())}
     summary = {"checkpoint": folder, "form": config.output.form, "edits": len(edits), "preserved": len(preserved),
                "preserve_weight": config.preserve_weight, "ridge": config.ridge, "delta_norm": erase.delta_norm(delta),
-               "layers": layers, "timings_s": timings}
+               "fit": fit, "layers": layers, "timings_s": timings}
     if errors:
         summary["max_relative_error"] = max(errors.values())
     with open(os.path.join(workdir, "erase_summary.json"), "w") as f:
@@ -81,6 +85,8 @@ def run(config, workdir):
     for name, norm in layers.items():
         print(f"  {name}: |dW| {norm:.3e}" + (f" | svd rel.err {errors[name]:.2e}" if name in errors else ""))
     print(f"total |dW| {summary['delta_norm']:.3e}")
+    print(f"fit of the text-state map (relative): residual {fit['residual']:.3f} (0: every source lands on its target)"
+          + (f", preserved states moved {fit['preserved_change']:.3f}" if "preserved_change" in fit else ""))
     print(json.dumps({k: v for k, v in summary.items() if k != "layers"}))
 
 

@@ -185,8 +185,10 @@ def run(config, workdir: str) -> dict:
     for weight in (config.erase.preserve_weight, *config.erase.other_preserve_weights):
         erased = states.edit(params, world.categories, keep_other_categories=False, preserve_weight=weight,
                              ridge=config.erase.ridge)
-        add("erase" if weight == config.erase.preserve_weight else f"erase_w{weight:g}",
-            f"closed-form to_k/to_v edit of every concept (preserve weight {weight:g})", erased)
+        name = "erase" if weight == config.erase.preserve_weight else f"erase_w{weight:g}"
+        add(name, f"closed-form to_k/to_v edit of every concept (preserve weight {weight:g})", erased)
+        methods[name]["edit_fit"] = states.fit(world.categories, keep_other_categories=False,
+                                               preserve_weight=weight, ridge=config.erase.ridge)
     clock.stage("closed-form edit", t)
 
     expert_cfg = train_config(config.expert, **{"model.path": os.path.join(folder, "unet"), "data.source": "cache",

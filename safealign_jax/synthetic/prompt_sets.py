@@ -60,13 +60,25 @@ class EditStates:
             sources[category], targets[category] = erase.prompt_states(pipe, list(harmful), list(safe))
         return cls(sources, targets, erase.preserved_states(pipe, preserved_prompts))
 
+    def rows(self, categories, *, keep_other_categories: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sources, targets, preserved) rows of the edit of `categories`: their harmful -> safe
+        rows, and the preserved prompts' rows with, if `keep_other_categories`, the other
+        categories' harmful rows."""
+        others = [self.sources[c] for c in self.sources if c not in categories] if keep_other_categories else []
+        return (np.concatenate([self.sources[c] for c in categories]),
+                np.concatenate([self.targets[c] for c in categories]), np.concatenate([self.preserved, *others]))
+
     def edit(self, params: dict, categories, *, keep_other_categories: bool, preserve_weight: float,
              ridge: float) -> dict:
-        """The closed-form edit of `categories` (harmful -> safe), the preserved prompts kept, and
-        with `keep_other_categories` the other categories' harmful prompts too."""
+        """The closed-form edit (`erase.solve_edit`) of `rows(categories, ...)`."""
         from safealign_jax import erase
 
-        others = [self.sources[c] for c in self.sources if c not in categories] if keep_other_categories else []
-        return erase.solve_edit(params, np.concatenate([self.sources[c] for c in categories]),
-                                np.concatenate([self.targets[c] for c in categories]),
-                                np.concatenate([self.preserved, *others]), preserve_weight=preserve_weight, ridge=ridge)
+        return erase.solve_edit(params, *self.rows(categories, keep_other_categories=keep_other_categories),
+                                preserve_weight=preserve_weight, ridge=ridge)
+
+    def fit(self, categories, *, keep_other_categories: bool, preserve_weight: float, ridge: float) -> dict:
+        """`erase.edit_fit` of that edit: its relative residual and preserved-state change."""
+        from safealign_jax import erase
+
+        rows = self.rows(categories, keep_other_categories=keep_other_categories)
+        return erase.edit_fit(*rows, erase.edit_map(*rows, preserve_weight=preserve_weight, ridge=ridge))

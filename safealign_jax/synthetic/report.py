@@ -116,6 +116,11 @@ def markdown(results: dict, categories: list[str]) -> str:
                      f"{r['adherence']:.3f} | {r['preservation']:.3f} | "
                      f"{r['world_fid']:.3f} | {'-' if norm is None else f'{norm:.2f}'} | "
                      + " | ".join(f"{r['ip_per_category'][c]:.2f}" for c in categories) + " |")
+    fitted = {n: r["edit_fit"] for n, r in m.items() if "edit_fit" in r}
+    if fitted:
+        lines += ["", "## Closed-form edits: fit of the one linear map of the text states (erase.edit_fit)", "",
+                  "| method | residual on the harmful rows | change of the preserved rows |", "|---|---|---|"]
+        lines += [f"| {n} | {f['residual']:.3f} | {f['preserved_change']:.3f} |" for n, f in fitted.items()]
     for objective, experts in results["experts"].items():
         lines += ["", f"## Experts alone ({objective}), on their own category's harmful prompts", "",
                   "| category | own-category IP | drawn as the safe counterpart | adherence | winner's error change | "
