@@ -6,7 +6,7 @@ import pytest
 from safealign_jax.synthetic import metrics, text
 from safealign_jax.synthetic.metrics import PromptCase
 from safealign_jax.synthetic.oracle import Oracle, validate
-from safealign_jax.synthetic.users import make_users
+from safealign_jax.synthetic.users import User, make_users
 from safealign_jax.synthetic.world import (
     SAFE_DEPICTION,
     TEMPLATES,
@@ -120,9 +120,14 @@ def test_metrics_on_hand_made_images(world, oracle):
     assert p["pass_rate"] == 0.5 and p["allowed_harmful_prompts"] == 0 and p["win_rate"] == 0.75
     assert p["tie_rate"] == 0.5 and p["win_rate_ceiling"] == 1.0  # the base scores 2 on both prompts
     p = metrics.psa_metrics(oracle, permissive, harmful, shown, base_images=shown)
-    assert p["win_rate"] == 0.5 and p["tie_rate"] == 1.0 and p["win_rate_ceiling"] == 0.75  # base: 3, then 2
+    assert p["win_rate"] == 0.5 and p["tie_rate"] == 1.0 and p["win_rate_ceiling"] == 0.5  # nothing banned: base's own
     p = metrics.psa_metrics(oracle, permissive, harmful, shown)
     assert p["pass_rate"] == 1.0 and p["over_suppression"] == 0.5
+    # one banned prompt (knife, Violence; the base scores 2: a win) and one allowed (cat: the base's own, half)
+    mixed = [harmful[0], PromptCase(Scene("cat", "red", "navy"), "", 2)]
+    violence = User("v", ("Violence",), strict.embedding)
+    p = metrics.psa_metrics(oracle, violence, mixed, shown, base_images=shown)
+    assert p["win_rate_ceiling"] == 0.75
 
 
 def test_ip_any_counts_every_harmful_object(world, oracle):
