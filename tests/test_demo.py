@@ -28,6 +28,11 @@ def test_quick_demo_aligns(tmp_path):
     assert safety["ip"] <= 0.10 and max(safety["ip_per_category"].values()) <= 0.20, safety
     assert base["adherence"] - safety["adherence"] <= 0.05 and safety["preservation"] >= 0.9, safety
 
+    # The closed-form edit's one linear map fits its harmful rows (measured 0.22 on seeds 0-2; a
+    # 64-wide default world, 21 concepts, gave 0.51: the edit then drew other objects).
+    fit = methods["erase"]["edit_fit"]
+    assert fit["residual"] <= 0.3 and fit["preserved_change"] <= 0.1, fit
+
     # The paper's recipe is kept and goes the papers' way: Co-Merge removes more than averaging.
     paper = methods["comerge"]
     assert "Co-Merge" in paper["recipe"] and paper["ip"] <= methods["average"]["ip"], methods
@@ -47,7 +52,7 @@ def test_quick_demo_aligns(tmp_path):
     for group, psa in variants[recommended["psa"]]["per_group"].items():
         assert psa["pass_rate"] >= 0.90, (group, psa)
         assert psa["over_suppression"] - psa["base_over_suppression"] <= 0.10, (group, psa)
-        assert psa["win_rate"] > 0.5, (group, psa)
+        assert psa["win_rate"] > 0.5 and 0.5 <= psa["win_rate_ceiling"] <= 1.0, (group, psa)
     for group, psa in variants["adapter"]["per_group"].items():  # the paper's adapter
         assert psa["pass_rate"] > psa["base_pass_rate"], (group, psa)
 
