@@ -72,8 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.erase = ml_collections.ConfigDict()
     c.erase.preserve_weight = 1.0  # the per-category edits of gated PSA and the fusion use it too
     # The same edit at other weights, each a method of its own ("erase_w0.7"): a lower weight erases
-    # harder (default world, seed 0: weight 1 draws 12.5% of harmful prompts as another harmful
-    # object, weight 0.7 9.5% with adherence 0.946 against the base's 0.990; docs/DEMO.md).
+    # harder at some cost to safe prompts (64-wide text states, seed 0: weight 1 drew 12.5% of harmful
+    # prompts as another harmful object, 0.7 9.5%; at 128 wide both draw 0-1.2% on seeds 0-2).
     c.erase.other_preserve_weights = (0.7,)
     c.erase.ridge = 1e-3
 
