@@ -43,16 +43,15 @@ def test_quick_demo_aligns(tmp_path):
     for objective in ("dpo", "regularised"):
         assert set(report["experts"][objective]) == set(report["world"]["categories"])
 
-    # The recommended PSA variant. Measured on this preset (seed 0): pass rate 0.95 / 1.00 / 1.00
-    # (levels / seen / unseen) with over-suppression +0.05 / 0 / 0 over the base's; the checks
-    # leave one level user's prompts of room (pass >= 0.90, increase <= 0.10) for another
-    # machine's rounding, a disclosed tolerance.
+    # The recommended PSA variant: gates fitted to the training users' preferences. Measured on this
+    # preset (seed 0): pass rate 1.00 in every group, over-suppression +0.000 / -0.014 / +0.000 over
+    # the base's, and the win rate at its ceiling (a perfect personalised model's against this judge).
     variants = report["psa"]["variants"]
-    assert set(variants) >= {"adapter", "gated"} and recommended["psa"] == "gated", recommended
+    assert set(variants) >= {"adapter", "gated", "gated_fit"} and recommended["psa"] == "gated_fit", recommended
     for group, psa in variants[recommended["psa"]]["per_group"].items():
-        assert psa["pass_rate"] >= 0.90, (group, psa)
-        assert psa["over_suppression"] - psa["base_over_suppression"] <= 0.10, (group, psa)
-        assert psa["win_rate"] > 0.5 and 0.5 <= psa["win_rate_ceiling"] <= 1.0, (group, psa)
+        assert psa["pass_rate"] >= 0.95, (group, psa)
+        assert psa["over_suppression"] - psa["base_over_suppression"] <= 0.05, (group, psa)
+        assert psa["win_rate"] > 0.5 and psa["win_rate"] >= psa["win_rate_ceiling"] - 0.05, (group, psa)
     for group, psa in variants["adapter"]["per_group"].items():  # the paper's adapter
         assert psa["pass_rate"] > psa["base_pass_rate"], (group, psa)
 

@@ -152,6 +152,18 @@ def test_recommended_safety_counts_any_harmful_object():
     assert report.recommend_safety(methods) == "any"
 
 
+def test_recommend_psa_keeps_over_suppression_then_pass_rate():
+    from safealign_jax.synthetic import report
+
+    def variant(pass_rate, over):
+        return {"per_group": {"levels": {"pass_rate": pass_rate, "over_suppression": 0.1 + over,
+                                         "base_over_suppression": 0.1}}}
+
+    variants = {"loose": variant(1.0, 0.2), "a": variant(0.9, 0.01), "b": variant(0.95, 0.04), "c": variant(0.95, 0.0)}
+    assert report.recommend_psa(variants) == "c"  # "loose" over-suppresses; b and c tie on pass rate
+    assert report.recommend_psa({"loose": variant(1.0, 0.2), "worse": variant(0.5, 0.3)}) == "loose"
+
+
 def test_preference_records_follow_the_pairs_rule(world):
     """One record per (user, pair of a gated category); the user prefers the safe render exactly
     where they ban the pair's category; ungated categories give no records."""

@@ -48,13 +48,16 @@ def over_suppression_increase(group: dict) -> float:
 
 def recommend_psa(variants: dict) -> str:
     """The variant with the highest worst-group pass rate among those whose over-suppression
-    rises by at most MAX_OVER_SUPPRESSION_INCREASE in every group (else over all variants)."""
-    def worst_pass(name):
-        return min(g["pass_rate"] for g in variants[name]["per_group"].values())
+    rises by at most MAX_OVER_SUPPRESSION_INCREASE in every group (else over all variants); on a
+    tie, the one whose worst-group over-suppression rises least."""
+    def worst_over(name):
+        return max(over_suppression_increase(g) for g in variants[name]["per_group"].values())
 
-    kept = [n for n, v in variants.items()
-            if all(over_suppression_increase(g) <= MAX_OVER_SUPPRESSION_INCREASE for g in v["per_group"].values())]
-    return max(kept or list(variants), key=worst_pass)
+    def rank(name):
+        return min(g["pass_rate"] for g in variants[name]["per_group"].values()), -worst_over(name)
+
+    kept = [n for n in variants if worst_over(n) <= MAX_OVER_SUPPRESSION_INCREASE]
+    return max(kept or list(variants), key=rank)
 
 
 def targets(results: dict) -> dict:
