@@ -194,7 +194,8 @@ def solve_edit(params: dict, sources: np.ndarray, targets: np.ndarray, preserved
                        for path, kernel in kernels.items()})
 
 
-def rows_from_prompts(pipe, edits: list[tuple[str, str]], preserved: list[str]):
+def rows_from_prompts(pipe, edits: list[tuple[str, str]],
+                      preserved: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(sources, targets, preserved) text-state rows of `edits` [(source, target)] (target "" =
     the empty prompt) and of the `preserved` prompts (None if empty), encoded by `pipe`'s text
     encoder(s): the arguments of `solve_edit`, `edit_map` and `edit_fit`."""
