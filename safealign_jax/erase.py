@@ -35,7 +35,7 @@ ENCODE_BATCH = 32  # prompts per text-encoder call (the last call is padded: one
 GRAM_CHUNK = 4096  # rows per float64 product when accumulating C^T C
 
 __all__ = ["TEXT_KEYED", "check_reads_text", "check_rows", "delta_norm", "edit_fit", "edit_from_prompts", "edit_map", "gram",
-           "normal_matrix", "preserved_states", "prompt_states", "read_edits", "rows_from_prompts", "solve_edit", "text_keyed_kernels",
+           "map_delta", "normal_matrix", "preserved_states", "prompt_states", "read_edits", "rows_from_prompts", "solve_edit", "text_keyed_kernels",
            "token_counts"]
 
 
@@ -173,9 +173,19 @@ def edit_fit(sources: np.ndarray, targets: np.ndarray, preserved: np.ndarray | N
     return fit
 
 
+def map_delta(params: dict, x: np.ndarray, layers: str = TEXT_KEYED) -> dict:
+    """The delta tree {P: {"delta": (D, out) float32}} = X W of every Dense layer matching
+    `layers` (kernel W (D, out)) for the text-state map `x` (D, D) of `edit_map`."""
+    kernels = text_keyed_kernels(params, layers)
+    check_reads_text(kernels, x.shape[0])
+    return delta_tree({path: (x @ np.asarray(kernel, np.float64)).astype(np.float32)
+                       for path, kernel in kernels.items()})
+
+
 def solve_edit(params: dict, sources: np.ndarray, targets: np.ndarray, preserved: np.ndarray | None, *,
                preserve_weight: float = 1.0, ridge: float = 1e-3, layers: str = TEXT_KEYED) -> dict:
-    """The delta tree {P: {"delta": (D, out) float32}} of every Dense layer matching `layers`.
+    """The delta tree {P: {"delta": (D, out) float32}} of every Dense layer matching `layers`:
+    `map_delta` of `edit_map` (callers that also want `edit_fit` call those two themselves).
 
     Args:
       params: the UNet's params tree (kernels (in, out)).
@@ -186,12 +196,8 @@ def solve_edit(params: dict, sources: np.ndarray, targets: np.ndarray, preserved
       layers: regular expression over the "/"-joined module paths; matched layers must read the
         text states (input width D).
     """
-    x = edit_map(sources, targets, preserved, preserve_weight=preserve_weight, ridge=ridge)
-    kernels = text_keyed_kernels(params, layers)
-    check_reads_text(kernels, x.shape[0])
-    # The same (D, D) map for every layer; delta = X W.
-    return delta_tree({path: (x @ np.asarray(kernel, np.float64)).astype(np.float32)
-                       for path, kernel in kernels.items()})
+    return map_delta(params, edit_map(sources, targets, preserved, preserve_weight=preserve_weight, ridge=ridge),
+                     layers)
 
 
 def rows_from_prompts(pipe, edits: list[tuple[str, str]],

@@ -61,8 +61,8 @@ def run(config, workdir):
     start = time.perf_counter()
     rows = erase.rows_from_prompts(pipe, edits, preserved)
     solve = {"preserve_weight": config.preserve_weight, "ridge": config.ridge}
-    delta = erase.solve_edit(pipe.unet_params, *rows, **solve, layers=config.layers)
-    fit = erase.edit_fit(*rows, erase.edit_map(*rows, **solve))
+    text_map = erase.edit_map(*rows, **solve)
+    delta, fit = erase.map_delta(pipe.unet_params, text_map, config.layers), erase.edit_fit(*rows, text_map)
     timings["solve_s"] = time.perf_counter() - start
     cli.output_folder(workdir)
     run_config = {"erase": config.to_dict(), "model": {"path": os.path.abspath(config.model), "variant": config.variant}}

@@ -183,12 +183,11 @@ def run(config, workdir: str) -> dict:
     t = time.perf_counter()
     states = prompt_sets.EditStates.encode(pipe, pairs, world, preserved_prompts)
     for weight in (config.erase.preserve_weight, *config.erase.other_preserve_weights):
-        erased = states.edit(params, world.categories, keep_other_categories=False, preserve_weight=weight,
-                             ridge=config.erase.ridge)
+        erased, fit = states.edit(params, world.categories, keep_other_categories=False, preserve_weight=weight,
+                                  ridge=config.erase.ridge)
         name = "erase" if weight == config.erase.preserve_weight else f"erase_w{weight:g}"
         add(name, f"closed-form to_k/to_v edit of every concept (preserve weight {weight:g})", erased)
-        methods[name]["edit_fit"] = states.fit(world.categories, keep_other_categories=False,
-                                               preserve_weight=weight, ridge=config.erase.ridge)
+        methods[name]["edit_fit"] = fit
     clock.stage("closed-form edit", t)
 
     expert_cfg = train_config(config.expert, **{"model.path": os.path.join(folder, "unet"), "data.source": "cache",
@@ -345,8 +344,8 @@ def category_edits(config, workdir: str, world: World, states, params, base_mode
         run_dir = os.path.join(workdir, "erase", slug(category))
         settings = {"erase": config.erase.to_dict(), "category": category}
         if not current_run(run_dir, settings):
-            delta = states.edit(params, (category,), keep_other_categories=True,
-                                preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
+            delta, _ = states.edit(params, (category,), keep_other_categories=True,
+                                   preserve_weight=config.erase.preserve_weight, ridge=config.erase.ridge)
             save_trained(run_dir, {"delta": delta}, settings, base_model)
         folders.append(run_dir)
     return folders

@@ -40,7 +40,7 @@ def preserved(pairs: PairSet, world: World, seed: int) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class EditStates:
     """The text states of the pairs and of the preserved prompts, encoded once for every
-    closed-form edit and fusion of the demo (`erase.solve_edit`, `merge.fuse`).
+    closed-form edit and fusion of the demo (`EditStates.edit`, `merge.fuse`).
 
     sources / targets: per category, the aligned (M, D) rows of its harmful prompts and of their
     safe rewrites (`erase.prompt_states`); preserved: (P, D) rows of `preserved(...)`.
@@ -69,16 +69,11 @@ class EditStates:
                 np.concatenate([self.targets[c] for c in categories]), np.concatenate([self.preserved, *others]))
 
     def edit(self, params: dict, categories, *, keep_other_categories: bool, preserve_weight: float,
-             ridge: float) -> dict:
-        """The closed-form edit (`erase.solve_edit`) of `rows(categories, ...)`."""
-        from safealign_jax import erase
-
-        return erase.solve_edit(params, *self.rows(categories, keep_other_categories=keep_other_categories),
-                                preserve_weight=preserve_weight, ridge=ridge)
-
-    def fit(self, categories, *, keep_other_categories: bool, preserve_weight: float, ridge: float) -> dict:
-        """`erase.edit_fit` of that edit: its relative residual and preserved-state change."""
+             ridge: float) -> tuple[dict, dict]:
+        """The closed-form edit of `rows(categories, ...)`: (its delta tree, `erase.edit_fit` of
+        its map: the relative residual and preserved-state change), from one solve."""
         from safealign_jax import erase
 
         rows = self.rows(categories, keep_other_categories=keep_other_categories)
-        return erase.edit_fit(*rows, erase.edit_map(*rows, preserve_weight=preserve_weight, ridge=ridge))
+        text_map = erase.edit_map(*rows, preserve_weight=preserve_weight, ridge=ridge)
+        return erase.map_delta(params, text_map), erase.edit_fit(*rows, text_map)
